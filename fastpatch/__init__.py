@@ -1,0 +1,10 @@
+"""fastpatch: Triton kernels for DUSt3R-family models (DUSt3R, MASt3R, CroCo).
+
+Drop-in modules with upstream's constructor arguments and state_dict keys, functional ops with
+autograd, and :func:`patch_model` to accelerate an already-built model in place. Which
+implementation runs (compiled Triton, Triton interpreter, or the torch path) is decided in
+:mod:`fastpatch.backend`.
+"""
+from .backend import use_backend
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""The one place that decides which implementation runs: the Triton kernels or the torch path.
+
+Rules (``auto``, the default):
+
+* CUDA tensors run the compiled Triton kernels.
+* CPU tensors run the fastest torch path, unless the Triton interpreter is active
+  (``TRITON_INTERPRET=1`` in the environment before ``triton`` is imported): then CPU tensors
+  go through the Triton kernels, which is how the kernels are tested on machines with no GPU.
+* Any other device (e.g. ``mps``) runs the torch path.
+
+Overrides, strongest first:
+
+* ``with fastpatch.use_backend("torch"):`` (or ``"triton"`` / ``"auto"``) for the current thread
+  or task (a :class:`contextvars.ContextVar`);
+* the environment variable ``FASTPATCH_BACKEND=triton|torch|auto``, read at each call.
+
+Forcing ``triton`` for tensors that no Triton backend can run (CPU without the interpreter)
+raises :class:`RuntimeError`; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "interpreter_active",
+    "requested_backend",
+    "use_backend",
+    "select_backend",
+    "common_device",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastpatch_backend", default=None)
+
+
+def interpreter_active() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (kernels run on CPU in numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _validate(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a fastpatch backend; expected one of {', '.join(BACKENDS)}")
+    return value
+
+
+def requested_backend() -> str:
+    """The backend asked for: the innermost :func:`use_backend`, else ``FASTPATCH_BACKEND``, else ``"auto"``."""
+    value = _override.get()
+    if value is not None:
+        return value
+    env = os.environ.get("FASTPATCH_BACKEND")
+    if env is None or env.strip() == "":
+        return "auto"
+    return _validate(env, "FASTPATCH_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager forcing a backend (``"auto"``, ``"triton"`` or ``"torch"``) inside its block.
+
+    Example::
+
+        with fastpatch.use_backend("torch"):
+            tokens, pos = patch_embed(img)
+    """
+    token = _override.set(_validate(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def common_device(*tensors: Optional[torch.Tensor]) -> torch.device:
+    """The one device shared by all given tensors (``None`` entries are skipped).
+
+    Raises:
+        ValueError: if the tensors live on different devices, naming them.
+    """
+    devices = []
+    for t in tensors:
+        if t is not None and t.device not in devices:
+            devices.append(t.device)
+    if not devices:
+        raise ValueError("common_device needs at least one tensor")
+    if len(devices) > 1:
+        raise ValueError(f"expected all tensors on one device, got {', '.join(str(d) for d in devices)}")
+    return devices[0]
+
+
+def _triton_can_run(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_active()
+
+
+def select_backend(*tensors: Optional[torch.Tensor]) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op whose inputs are ``tensors``.
+
+    Raises:
+        ValueError: tensors on different devices.
+        RuntimeError: ``triton`` was forced for a device no Triton backend runs on.
+    """
+    device = common_device(*tensors)
+    requested = requested_backend()
+    if requested == "torch":
+        return "torch"
+    if requested == "triton":
+        if not _triton_can_run(device):
+            raise RuntimeError(
+                f"fastpatch backend 'triton' was forced but the tensors are on {device}; Triton runs on CUDA, "
+                "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"
+            )
+        return "triton"
+    return "triton" if _triton_can_run(device) else "torch"

@@ -1,0 +1,31 @@
+"""fastpatch: Triton kernels for the DUSt3R / MASt3R / CroCo ViT family.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and are
+installed as ``fastpatch.kernels``; nothing named ``kernels`` lands at the top level of
+site-packages (that name belongs to the Hugging Face ``kernels`` package).
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "fastpatch",
+    "fastpatch.launchers",
+    "fastpatch.ops",
+    "fastpatch.modules",
+    "fastpatch.kernels",
+]
+
+setup(
+    name="fastpatch",
+    version="0.1.0",
+    description="Fused Triton patch embedding and RoPE flash attention for DUSt3R-family models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    package_dir={"fastpatch.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.6"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "numpy"],
+    },
+)

@@ -1,0 +1,81 @@
+"""Test-only access to the real upstream DUSt3R code (the ``mini-dust3r`` package).
+
+Upstream code is CC BY-NC-SA: it is never vendored here, only imported when installed
+(``pip install --no-deps mini-dust3r==0.1.2 einops beartype huggingface_hub``, done by ``.ci/run``).
+Its import switches TF32 on globally and prints a warning about a missing CUDA RoPE extension;
+:func:`load_upstream` restores every global flag it may touch when the block exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+import torch
+
+
+@dataclass
+class UpstreamCode:
+    """The upstream modules tests build reference objects from."""
+
+    blocks: ModuleType  # Attention, CrossAttention, Block, DecoderBlock, Mlp
+    patch_embed: ModuleType  # PatchEmbedDust3R, ManyAR_PatchEmbed, get_patch_embed
+    croco: ModuleType  # CroCoNet
+    model: ModuleType  # AsymmetricCroCo3DStereo
+    rope: ModuleType  # RoPE2D (pure-torch version)
+
+
+def _global_flags():
+    return (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        torch.get_default_dtype(),
+    )
+
+
+def _restore(flags) -> None:
+    tf32_matmul, tf32_cudnn, precision, default_dtype = flags
+    torch.backends.cuda.matmul.allow_tf32 = tf32_matmul
+    torch.backends.cudnn.allow_tf32 = tf32_cudnn
+    torch.set_float32_matmul_precision(precision)
+    torch.set_default_dtype(default_dtype)
+
+
+@contextlib.contextmanager
+def load_upstream() -> Iterator[UpstreamCode]:
+    """Import mini-dust3r (skipping the test if it is not installed) and restore global state on exit."""
+    flags = _global_flags()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = UpstreamCode(
+                    blocks=importlib.import_module("mini_dust3r.croco.blocks"),
+                    patch_embed=importlib.import_module("mini_dust3r.patch_embed"),
+                    croco=importlib.import_module("mini_dust3r.croco.croco"),
+                    model=importlib.import_module("mini_dust3r.model"),
+                    rope=importlib.import_module("mini_dust3r.croco.pos_embed"),
+                )
+            except ImportError as exc:
+                pytest.skip(f"upstream DUSt3R code (mini-dust3r==0.1.2) is not installed: {exc}")
+        yield code
+    finally:
+        _restore(flags)
+
+
+def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add Gaussian noise to every parameter in place.
+
+    Upstream initialisation zeroes biases and sets LayerNorms to 1/0, which would hide a swapped
+    or missing bias/affine term; noise makes every parameter matter.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
+            p.add_(noise * scale)
+    return module
