@@ -1,0 +1,53 @@
+"""fastpatch.backend: the one backend choice (auto / triton / torch) and its overrides."""
+import pytest
+import torch
+
+from fastpatch import backend
+from fastpatch.backend import select_backend, use_backend
+
+
+def test_interpreter_is_active_in_the_test_suite():
+    # conftest.py sets TRITON_INTERPRET=1, so CPU tensors are routed to the Triton kernels.
+    assert backend.interpreter_active()
+    assert select_backend(torch.zeros(1)) == "triton"
+
+
+def test_auto_uses_torch_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert select_backend(torch.zeros(1)) == "torch"
+
+
+def test_context_manager_overrides_environment(monkeypatch):
+    monkeypatch.setenv("FASTPATCH_BACKEND", "triton")
+    with use_backend("torch"):
+        assert select_backend(torch.zeros(1)) == "torch"
+        with use_backend("auto"):
+            assert select_backend(torch.zeros(1)) == "triton"
+        assert select_backend(torch.zeros(1)) == "torch"
+    assert backend.requested_backend() == "triton"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("FASTPATCH_BACKEND", "torch")
+    assert select_backend(torch.zeros(1)) == "torch"
+    monkeypatch.setenv("FASTPATCH_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTPATCH_BACKEND='cuda'"):
+        select_backend(torch.zeros(1))
+
+
+def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        select_backend(torch.zeros(1))
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match="expected one of auto, triton, torch"):
+        with use_backend("fast"):
+            pass
+
+
+def test_mixed_devices_raise():
+    meta = torch.empty(1, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        select_backend(torch.zeros(1), meta)
