@@ -6,5 +6,8 @@ implementation runs (compiled Triton, Triton interpreter, or the torch path) is 
 :mod:`fastpatch.backend`.
 """
 from .backend import use_backend
+from .ops.rope_attention import rope_attention
+from .modules.attention import Attention, CrossAttention, RoPE2D
+from .modules.blocks import Block, DecoderBlock, Mlp
 
 __version__ = "0.1.0"

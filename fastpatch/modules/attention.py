@@ -1,0 +1,85 @@
+"""Drop-in RoPE2D, Attention and CrossAttention (spec sections 3 to 5) running :func:`rope_attention`.
+
+Each class subclasses its eager twin in :mod:`fastpatch.reference`, so constructor arguments,
+attributes, parameters and ``state_dict`` keys are upstream's; only ``forward`` differs. Heads stay
+strided views of the projection output (no permute copies), RoPE and attention run in one call
+(fused into the flash kernel on the Triton path), and heads are merged with a free reshape.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..ops.rope_attention import rope_attention
+from ..ops.rope_torch import rope_cos_sin, rotate_rope
+
+__all__ = ["RoPE2D", "Attention", "CrossAttention"]
+
+
+class RoPE2D(reference.RoPE2D):
+    """2-D rotary embedding: ``forward(tokens (B, H, N, Dh), positions (B, N, 2) int) -> (B, H, N, Dh)``.
+
+    Same constructor (``freq``, ``F0``) and attributes (``base``, ``F0``) as upstream. The rotation
+    runs out of place from cos/sin tables built on the positions' device (no host sync); the
+    result is a transposed view of a contiguous ``(B, N, H, Dh)`` buffer. Attention modules do
+    not call it: they pass ``base``/``F0`` to :func:`rope_attention`, which rotates inside the kernel.
+    """
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        head_dim = tokens.shape[-1]
+        if head_dim % 4 != 0:
+            raise ValueError(f"RoPE2D needs a head dim divisible by 4, got {head_dim}")
+        cos, sin = rope_cos_sin(positions, head_dim, self.base, self.F0, tokens.dtype)
+        return rotate_rope(tokens, cos, sin)
+
+
+def _attend(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of ``module`` (its ``rope``, ``scale`` and ``attn_drop``) on (B, H, N, Dh) heads.
+
+    Returns ``(B, Nq, H * Dh)``, heads merged in head-major channel order.
+    """
+    rope = module.rope
+    if rope is None:
+        rope_base, rope_f0, q_pos, k_pos = None, 1.0, None, None
+    elif hasattr(rope, "base") and hasattr(rope, "F0"):
+        rope_base, rope_f0 = float(rope.base), float(rope.F0)
+    else:
+        raise TypeError(f"rope must be a RoPE2D (with .base and .F0 attributes) or None, got {type(rope).__name__}")
+    dropout_p = module.attn_drop.p if module.training else 0.0
+    out = rope_attention(q, k, v, q_pos, k_pos, rope_base=rope_base, rope_f0=rope_f0, scale=module.scale,
+                         dropout_p=dropout_p)
+    batch, heads, tokens, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+class Attention(reference.Attention):
+    """Multi-head self-attention with optional RoPE2D: ``forward(x (B, N, C), xpos (B, N, 2)) -> (B, N, C)``.
+
+    Keys ``qkv.weight`` (3C, C), ``qkv.bias`` (if ``qkv_bias``), ``proj.weight``, ``proj.bias``. q, k and
+    v are (B, H, N, Dh) strided views of the (B, N, 3, H, Dh) projection.
+    """
+
+    def forward(self, x: torch.Tensor, xpos: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return self.proj_drop(self.proj(_attend(self, q, k, v, xpos, xpos)))
+
+
+class CrossAttention(reference.CrossAttention):
+    """Multi-head cross-attention with optional RoPE2D.
+
+    ``forward(query (B, Nq, C), key (B, Nk, C), value (B, Nk, C), qpos (B, Nq, 2), kpos (B, Nk, 2))``
+    -> (B, Nq, C). Keys ``projq``, ``projk``, ``projv``, ``proj``. Nq may differ from Nk.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, qpos: Optional[torch.Tensor],
+                kpos: Optional[torch.Tensor]) -> torch.Tensor:
+        heads = self.num_heads
+        q = self.projq(query).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = self.projk(key).unflatten(-1, (heads, -1)).transpose(1, 2)
+        v = self.projv(value).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return self.proj_drop(self.proj(_attend(self, q, k, v, qpos, kpos)))
