@@ -1,0 +1,140 @@
+"""Host launchers of the patch-embedding kernels: allocate outputs, pick the config, launch.
+
+Inputs are assumed validated (:mod:`fastpatch.ops.patch_embed` does that). Shared arguments:
+
+* ``img``: (B, C_in, Hi, Wi), any strides (NCHW, channels-last, sliced views), float32 /
+  float16 / bfloat16. Hi and Wi are multiples of ``patch_size``.
+* ``weight``: (E, C_in, p, p) and ``bias``: (E,), same dtype as ``img``.
+* ``portrait``: ``None`` (every sample landscape: PatchEmbedDust3R) or a (B,) bool tensor on the
+  image's device, True where a ManyAR sample is stored transposed (true height > true width).
+  It is read inside the kernels; nothing here synchronises with the device.
+
+Token m = b * N + n with N = (Hi / p) * (Wi / p); see :mod:`fastpatch.kernels.patch_embed`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from fastpatch.backend import interpreter_active
+from fastpatch.kernels.patch_embed import (
+    patch_embed_config,
+    patch_embed_fwd_kernel,
+    patch_embed_grad_image_kernel,
+    patch_embed_grad_weight_kernel,
+)
+
+__all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image"]
+
+
+def _capability(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 80  # interpreter: run the sm_80 configuration
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """IEEE fp32 products unless torch itself allows TF32 for fp32 matmuls (half dtypes ignore it)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
+    """Config plus the constexpr/geometry arguments every kernel shares."""
+    batch, _, height, width = img.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    config = patch_embed_config(weight.shape[0], img.dtype, _capability(img.device))
+    constexprs = dict(
+        PATCH=patch_size,
+        MANY_AR=portrait is not None,
+        UPCAST=interpreter_active(),
+        DOT_PRECISION=_dot_precision(img.dtype),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    num_tokens = grid_h * grid_w
+    geometry = (batch * num_tokens, num_tokens, grid_h, grid_w, weight.shape[0], weight[0].numel())
+    return config, constexprs, geometry
+
+
+def patch_embed_forward(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int,
+                        portrait: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and positions of ``img`` in one launch.
+
+    Returns:
+        tokens: (B, N, E) contiguous, ``img.dtype``; token n = y * grid_cols + x in raster order
+        of the sample's true grid.
+        pos: (B, N, 2) int64 contiguous, (y, x) per token.
+    """
+    config, constexprs, geometry = _launch_options(img, weight, patch_size, portrait)
+    total_tokens, num_tokens, _, _, embed_dim, patch_pixels = geometry
+    weight_2d = weight.reshape(embed_dim, patch_pixels)
+    tokens = torch.empty((img.shape[0], num_tokens, embed_dim), device=img.device, dtype=img.dtype)
+    pos = torch.empty((img.shape[0], num_tokens, 2), device=img.device, dtype=torch.int64)
+    grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(embed_dim, config.block_n))
+    patch_embed_fwd_kernel[grid](
+        img, weight_2d, bias, img if portrait is None else portrait, tokens, pos,
+        *geometry,
+        *img.stride(),
+        *weight_2d.stride(),
+        **constexprs,
+    )
+    return tokens, pos
+
+
+def patch_embed_grad_params(grad_tokens: torch.Tensor, img: torch.Tensor, weight: torch.Tensor, patch_size: int,
+                            portrait: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the projection parameters.
+
+    Args:
+        grad_tokens: (B, N, E), any strides, ``img.dtype``.
+
+    Returns:
+        grad_weight: (E, C_in, p, p) contiguous, grad_bias: (E,), both ``weight.dtype``.
+    """
+    config, constexprs, geometry = _launch_options(img, weight, patch_size, portrait)
+    _, _, _, _, embed_dim, patch_pixels = geometry
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = torch.empty((embed_dim,), device=weight.device, dtype=weight.dtype)
+    grid = (triton.cdiv(embed_dim, config.block_n), triton.cdiv(patch_pixels, config.block_k))
+    patch_embed_grad_weight_kernel[grid](
+        img, grad_tokens, img if portrait is None else portrait, grad_weight, grad_bias,
+        *geometry,
+        *img.stride(),
+        *grad_tokens.stride(),
+        **constexprs,
+    )
+    return grad_weight, grad_bias
+
+
+def patch_embed_grad_image(grad_tokens: torch.Tensor, img: torch.Tensor, weight: torch.Tensor, patch_size: int,
+                           portrait: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of the image (only its shape, layout and dtype are used).
+
+    Args:
+        grad_tokens: (B, N, E), any strides, ``img.dtype``.
+
+    Returns:
+        grad_img: shaped like ``img``, same memory format when ``img`` is dense (else contiguous NCHW).
+    """
+    config, constexprs, geometry = _launch_options(img, weight, patch_size, portrait)
+    total_tokens, _, _, _, embed_dim, patch_pixels = geometry
+    weight_2d = weight.reshape(embed_dim, patch_pixels)
+    grad_img = torch.empty_like(img, memory_format=torch.preserve_format)
+    grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(patch_pixels, config.block_k))
+    patch_embed_grad_image_kernel[grid](
+        grad_tokens, weight_2d, img if portrait is None else portrait, grad_img,
+        *geometry,
+        *grad_img.stride(),
+        *grad_tokens.stride(),
+        *weight_2d.stride(),
+        **constexprs,
+    )
+    return grad_img

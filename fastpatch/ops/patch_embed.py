@@ -1,0 +1,126 @@
+"""Public patch embedding: ``tokens, pos = patch_embed(img, weight, bias, patch_size, true_shape, many_ar)``.
+
+This file validates the inputs (before any work; no host synchronisation on accelerators) and
+picks the implementation with :func:`fastpatch.backend.select_backend`:
+
+* ``"triton"``: the fused kernels behind the custom ops of :mod:`fastpatch.ops.patch_embed_triton`
+  (CUDA, or CPU under the Triton interpreter);
+* ``"torch"``: :mod:`fastpatch.ops.patch_embed_torch` (reshape/permute + ``addmm``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..backend import common_device, select_backend
+from .patch_embed_torch import patch_embed_torch
+from .patch_embed_triton import patch_embed_triton
+
+__all__ = ["patch_embed"]
+
+
+def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -> int:
+    sizes = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
+    if len(sizes) != 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+        raise ValueError(f"patch_size must be a positive int or a pair of them, got {patch_size!r}")
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"only square patches are supported, got patch_size {sizes}")
+    if tuple(weight.shape[2:]) != sizes:
+        raise ValueError(f"weight kernel {tuple(weight.shape[2:])} does not match patch_size {sizes}")
+    return sizes[0]
+
+
+def _check_tensors(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    for name, t in (("img", img), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if img.dim() != 4:
+        raise ValueError(f"img must be 4-D (B, C, H, W), got shape {tuple(img.shape)}")
+    if not img.is_floating_point():
+        raise TypeError(f"img must have a floating dtype, got {img.dtype}")
+    if img.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"img dtype {img.dtype} is not supported; use float32, float16 or bfloat16")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (embed_dim, C, p, p), got shape {tuple(weight.shape)}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight.dtype != img.dtype or bias.dtype != img.dtype:
+        raise TypeError(f"img, weight and bias must share a dtype, got {img.dtype}, {weight.dtype}, {bias.dtype}")
+    if weight.shape[1] != img.shape[1]:
+        raise ValueError(f"img has {img.shape[1]} channels but weight expects {weight.shape[1]} "
+                         f"(img shape {tuple(img.shape)})")
+
+
+def _check_grid(img: torch.Tensor, p: int) -> None:
+    height, width = img.shape[-2:]
+    if height % p or width % p:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+
+
+def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B,) bool on the image's device: True where the ManyAR sample is portrait (height > width).
+
+    Values are checked only where that costs no device synchronisation (CPU, outside tracing).
+    """
+    batch, _, height, width = img.shape
+    if height > width:
+        raise ValueError(f"ManyAR expects a landscape batch tensor (W >= H), got {height}x{width}")
+    if not isinstance(true_shape, torch.Tensor):
+        raise TypeError(f"ManyAR needs true_shape, a (B, 2) integer tensor of (height, width); got {type(true_shape).__name__}")
+    if tuple(true_shape.shape) != (batch, 2):
+        raise ValueError(f"true_shape must have shape ({batch}, 2), got {tuple(true_shape.shape)}")
+    if true_shape.is_floating_point() or true_shape.is_complex() or true_shape.dtype == torch.bool:
+        raise TypeError(f"true_shape must hold integers, got {true_shape.dtype}")
+    portrait = true_shape[:, 0] > true_shape[:, 1]
+    if true_shape.device.type == "cpu" and not torch.compiler.is_compiling():
+        stored = torch.tensor([height, width], dtype=true_shape.dtype)
+        expected = torch.where(portrait[:, None], stored.flip(0), stored)
+        bad = (true_shape != expected).any(dim=1).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"true_shape rows {bad} ({true_shape[bad].tolist()}) do not match the {height}x{width} "
+                             "batch tensor: a landscape sample must be (H, W), a portrait one (W, H)")
+    return portrait
+
+
+def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """Cast to the autocast dtype when autocast is on for the image's device (as conv2d would)."""
+    device_type = img.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return img, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return img.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: Union[int, Sequence[int]],
+                true_shape: Optional[torch.Tensor] = None, many_ar: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens and their grid positions (spec sections 1 and 2), differentiable.
+
+    Args:
+        img: (B, C_in, Hi, Wi) float32/float16/bfloat16, any strides; Hi and Wi multiples of p.
+        weight: (E, C_in, p, p), the stride-p convolution weight; bias: (E,). Same dtype as img
+            (or any float dtypes under autocast, which casts all three like ``conv2d``).
+        patch_size: p, an int or a pair (p, p).
+        true_shape: (B, 2) integer (height, width) per sample; read only when ``many_ar``.
+        many_ar: ManyAR semantics: samples with height > width are stored transposed in ``img``
+            (which must then have Wi >= Hi) and are embedded un-transposed.
+
+    Returns:
+        tokens: (B, N, E) contiguous, img dtype, N = (Hi/p) * (Wi/p); token n is the patch at
+            (n // cols, n % cols) of the sample's true grid (cols = Wi/p, or Hi/p for portrait).
+        pos: (B, N, 2) int64 holding (y, x) per token.
+
+    Raises:
+        TypeError: non-tensor inputs, integer or unsupported dtypes, mismatched dtypes.
+        ValueError: wrong ranks/shapes/channels, sizes not multiples of p, tensors on different
+            devices, a portrait ManyAR batch tensor, true_shape of the wrong shape or values.
+    """
+    _check_tensors(img, weight, bias)
+    p = _square_patch(patch_size, weight)
+    _check_grid(img, p)
+    common_device(img, weight, bias, true_shape if many_ar else None)
+    portrait = _portrait_flags(img, true_shape) if many_ar else None
+    img, weight, bias = _autocast(img, weight, bias)
+    if img.shape[0] > 0 and select_backend(img, weight, bias) == "triton":
+        return patch_embed_triton(img, weight, bias, p, portrait)
+    return patch_embed_torch(img, weight, bias, p, portrait)
