@@ -9,5 +9,7 @@ from .backend import use_backend
 from .ops.rope_attention import rope_attention
 from .modules.attention import Attention, CrossAttention, RoPE2D
 from .modules.blocks import Block, DecoderBlock, Mlp
+from .modules.patch_embed import ManyAR_PatchEmbed, PatchEmbedDust3R, get_patch_embed
+from .ops.patch_embed import patch_embed
 
 __version__ = "0.1.0"
