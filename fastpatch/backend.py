@@ -31,6 +31,8 @@ __all__ = [
     "interpreter_active",
     "requested_backend",
     "use_backend",
+    "set_backend_override",
+    "reset_backend_override",
     "select_backend",
     "common_device",
 ]
@@ -63,6 +65,16 @@ def requested_backend() -> str:
     return _validate(env, "FASTPATCH_BACKEND")
 
 
+def set_backend_override(name: str) -> contextvars.Token:
+    """Force ``name`` for the current context until :func:`reset_backend_override` (prefer :func:`use_backend`)."""
+    return _override.set(_validate(name, "backend"))
+
+
+def reset_backend_override(token: contextvars.Token) -> None:
+    """Undo the :func:`set_backend_override` call that returned ``token``."""
+    _override.reset(token)
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager forcing a backend (``"auto"``, ``"triton"`` or ``"torch"``) inside its block.
@@ -72,11 +84,11 @@ def use_backend(name: str) -> Iterator[None]:
         with fastpatch.use_backend("torch"):
             tokens, pos = patch_embed(img)
     """
-    token = _override.set(_validate(name, "use_backend"))
+    token = set_backend_override(name)
     try:
         yield
     finally:
-        _override.reset(token)
+        reset_backend_override(token)
 
 
 def common_device(*tensors: Optional[torch.Tensor]) -> torch.device:

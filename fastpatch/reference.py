@@ -204,6 +204,11 @@ class PatchEmbedDust3R(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
         self.position_getter = PositionGetter()
 
+    def _init_weights(self) -> None:
+        """Initialise ``proj`` like a Linear layer on flattened patches (Xavier-uniform), as CroCo models expect."""
+        weight = self.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
     def forward(self, img: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
         _check_image(img, self.proj.in_channels, self.patch_size)
         x = self.proj(img)  # (B, C, Ht, Wt)
