@@ -163,14 +163,14 @@ def fake_triton_op(monkeypatch):
 
 
 def test_auto_dispatches_to_triton_under_the_interpreter(fake_triton_op):
-    q, k, v = make_inputs(2, 2, 5, 5, 8, torch.float32)
+    q, k, v = make_inputs(2, 2, 5, 5, 32, torch.float32)
     pos = grid_positions(2, 5)
     with fastpatch.use_backend("auto"):
         out = rope_attention(q, k, v, pos, rope_base=10000.0, rope_f0=2.0)
     (call,) = fake_triton_op
     assert call["k_pos"] is pos and call["q_pos"] is pos  # k_pos=None means q_pos
-    assert call["rope_base"] == 10000.0 and call["rope_f0"] == 2.0 and call["scale"] == 8 ** -0.5
-    assert out.shape == (2, 2, 5, 8) and out.transpose(1, 2).is_contiguous()
+    assert call["rope_base"] == 10000.0 and call["rope_f0"] == 2.0 and call["scale"] == 32 ** -0.5
+    assert out.shape == (2, 2, 5, 32) and out.transpose(1, 2).is_contiguous()
 
 
 def test_forced_torch_backend_skips_triton(fake_triton_op):
@@ -181,10 +181,27 @@ def test_forced_torch_backend_skips_triton(fake_triton_op):
 
 
 def test_dropout_falls_back_to_torch_with_a_warning(fake_triton_op):
-    q, k, v = make_inputs(1, 2, 5, 5, 8, torch.float32)
+    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32)
     with fastpatch.use_backend("triton"), pytest.warns(RuntimeWarning, match="no dropout"):
         out = rope_attention(q, k, v, grid_positions(1, 5), dropout_p=0.5)
-    assert fake_triton_op == [] and out.shape == (1, 2, 5, 8)
+    assert fake_triton_op == [] and out.shape == (1, 2, 5, 32)
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(16, torch.float32), (64, torch.float64)])
+def test_calls_the_kernels_cannot_run_fall_back_to_torch_with_a_warning(fake_triton_op, head_dim, dtype):
+    q, k, v = make_inputs(1, 2, 5, 5, head_dim, dtype)
+    pos = grid_positions(1, 5)
+    with fastpatch.use_backend("triton"), pytest.warns(RuntimeWarning, match="torch path"):
+        out = rope_attention(q, k, v, pos)
+    assert fake_triton_op == []
+    assert_close_to_reference(out, oracle(q, k, v, pos, None, 100.0, 1.0)[0], torch.float32)
+
+
+def test_int32_positions_reach_the_kernels_as_int64(fake_triton_op):
+    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32)
+    with fastpatch.use_backend("triton"):
+        rope_attention(q, k, v, grid_positions(1, 5).int())
+    assert fake_triton_op[0]["q_pos"].dtype == torch.int64 and fake_triton_op[0]["k_pos"].dtype == torch.int64
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +276,8 @@ TRITON_CASES = {  # id -> (Nq, Nk, head_dim, rope)
     "self37_dh64": (37, 37, 64, "rope100"),
     "self64_dh32_base10000": (64, 64, 32, "rope10000"),
     "cross37x50_f0": (37, 50, 32, "rope100_f0"),
-    "self1": (1, 1, 16, "rope100"),
+    "self1": (1, 1, 32, "rope100"),
+    "self197_dh128": (197, 197, 128, "rope100"),
     "plain": (23, 23, 32, "no_rope"),
 }
 
@@ -277,10 +295,11 @@ def test_triton_path_forward_matches_float64(dtype, case, device):
 
 
 @pytest.mark.parametrize("case", ["self37_dh64", "cross37x50_f0"])
-def test_triton_path_gradients_match_float64(case, device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_path_gradients_match_float64(dtype, case, device):
     _triton_op_or_skip()
     n_q, n_k, head_dim, rope = TRITON_CASES[case]
-    q, k, v = as_leaves(make_inputs(1, 2, n_q, n_k, head_dim, torch.float32), device)
+    q, k, v = as_leaves(make_inputs(1, 2, n_q, n_k, head_dim, dtype), device)
     q_pos = grid_positions(1, n_q, width=8).to(device)
     k_pos = None if n_q == n_k else grid_positions(1, n_k, width=5).to(device)
     with fastpatch.use_backend("triton"):

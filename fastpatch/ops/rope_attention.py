@@ -19,6 +19,8 @@ from .rope_attention_torch import rope_attention_torch
 
 __all__ = ["rope_attention"]
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def _check_tokens(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -43,6 +45,19 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int) -> torch.T
     return pos
 
 
+def _triton_unsupported(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or None when they can."""
+    from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # imported with the kernels
+
+    if dropout_p > 0.0:
+        return "the Triton attention kernels have no dropout (dropout_p > 0)"
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return f"the Triton attention kernels support head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}"
+    if q.dtype not in TRITON_DTYPES:
+        return f"the Triton attention kernels support float16/bfloat16/float32, got {q.dtype}"
+    return None
+
+
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Optional[torch.Tensor],
                    k_pos: Optional[torch.Tensor] = None, *, rope_base: Optional[float] = 100.0,
                    rope_f0: float = 1.0, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
@@ -58,8 +73,10 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
             plain attention.
         rope_f0: RoPE2D ``F0`` (frequency multiplier).
         scale: score multiplier; None means ``Dh ** -0.5``.
-        dropout_p: dropout on the attention probabilities; pass it only in training. The Triton
-            kernels have no dropout, so a positive value runs the torch path (with a warning).
+        dropout_p: dropout on the attention probabilities; pass it only in training.
+
+    Where the Triton backend is selected but cannot run the call (``dropout_p > 0``, a head dim
+    other than 32/64/128, float64), the torch path runs instead and a ``RuntimeWarning`` says why.
 
     Returns:
         ``(B, H, Nq, Dh)`` in ``q``'s dtype. Usually a transposed view of a contiguous
@@ -100,14 +117,17 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
         scale = head_dim ** -0.5
 
     backend = select_backend(q, k, v, q_pos, k_pos)
-    if backend == "triton" and dropout_p > 0.0:
-        warnings.warn("fastpatch: the Triton attention kernels have no dropout; attention with dropout_p > 0 "
-                      "runs on the torch path", RuntimeWarning, stacklevel=2)
-        backend = "torch"
+    if backend == "triton":
+        reason = _triton_unsupported(q, dropout_p)
+        if reason is not None:
+            warnings.warn(f"fastpatch: {reason}; this attention runs on the torch path", RuntimeWarning, stacklevel=2)
+            backend = "torch"
     if backend == "torch":
         return rope_attention_torch(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale, dropout_p)
 
     from .rope_attention_triton import rope_attention_triton  # lands with the kernels; imported on first use
 
+    if q_pos is not None:
+        q_pos, k_pos = q_pos.long(), k_pos.long()  # the kernels read int64; a no-op for int64 positions
     out = rope_attention_triton(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale)
     return out.transpose(1, 2)
