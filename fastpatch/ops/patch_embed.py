@@ -19,6 +19,10 @@ from .patch_embed_triton import patch_embed_triton
 
 __all__ = ["patch_embed"]
 
+# Dynamo cannot trace the ContextVar read inside select_backend: under torch.compile the backend is
+# decided once, when the graph is traced (the device and any use_backend override at that time).
+_select_backend = torch.compiler.assume_constant_result(select_backend)
+
 
 def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -> int:
     sizes = tuple(patch_size) if isinstance(patch_size, (tuple, list)) else (patch_size, patch_size)
@@ -121,6 +125,6 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     common_device(img, weight, bias, true_shape if many_ar else None)
     portrait = _portrait_flags(img, true_shape) if many_ar else None
     img, weight, bias = _autocast(img, weight, bias)
-    if img.shape[0] > 0 and select_backend(img, weight, bias) == "triton":
+    if img.shape[0] > 0 and _select_backend(img, weight, bias) == "triton":
         return patch_embed_triton(img, weight, bias, p, portrait)
     return patch_embed_torch(img, weight, bias, p, portrait)
