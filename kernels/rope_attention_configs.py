@@ -8,7 +8,7 @@ query blocks of 64 keep enough programs in flight (B*H*cdiv(N, 64)) for a GPU's 
 
 Tile sizes are powers of two >= 16 (``tl.dot`` minimum); M = 64 per warpgroup lets Hopper use
 wgmma with 4 warps. fp32 runs the non-tensor-core (``ieee``) dot, whose operands take twice the
-registers and shared memory, hence the smaller key tiles.
+registers and shared memory, hence the smaller tiles and no software pipelining (1 stage).
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -48,11 +48,10 @@ class RopeAttentionConfig:
 
 _HALF = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 _HALF_WIDE_HEAD = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-_FP32 = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-_FP32_WIDE_HEAD = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
 _HALF_DKDV_WIDE_HEAD = KernelConfig(block_m=32, block_n=64, num_warps=8, num_stages=2)
-_FP32_DKDV = KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
-_FP32_DKDV_WIDE_HEAD = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+_FP32 = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
+_FP32_WIDE_HEAD = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+_FP32_DKDV = KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
 
 
 def _entry(forward: KernelConfig, backward_dq: KernelConfig, backward_dkdv: KernelConfig) -> RopeAttentionConfig:
@@ -67,7 +66,7 @@ for _cap in CAPABILITY_CLASSES:
         _TABLE[(128, _dtype, _cap)] = _entry(_HALF_WIDE_HEAD, _HALF_WIDE_HEAD, _HALF_DKDV_WIDE_HEAD)
     _TABLE[(32, torch.float32, _cap)] = _entry(_FP32, _FP32, _FP32_DKDV)
     _TABLE[(64, torch.float32, _cap)] = _entry(_FP32, _FP32, _FP32_DKDV)
-    _TABLE[(128, torch.float32, _cap)] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_DKDV_WIDE_HEAD)
+    _TABLE[(128, torch.float32, _cap)] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD)
 
 
 def capability_class(capability) -> int:
