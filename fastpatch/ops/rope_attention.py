@@ -125,7 +125,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
     if backend == "torch":
         return rope_attention_torch(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale, dropout_p)
 
-    from .rope_attention_triton import rope_attention_triton  # lands with the kernels; imported on first use
+    from .rope_attention_triton import rope_attention_triton  # imported on first use: keeps triton out of import fastpatch
 
     if q_pos is not None:
         q_pos, k_pos = q_pos.long(), k_pos.long()  # the kernels read int64; a no-op for int64 positions
