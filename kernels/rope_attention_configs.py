@@ -47,26 +47,31 @@ class RopeAttentionConfig:
 
 
 _HALF = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+_HALF_DKDV = KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
 _HALF_WIDE_HEAD = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
 _HALF_DKDV_WIDE_HEAD = KernelConfig(block_m=32, block_n=64, num_warps=8, num_stages=2)
 _FP32 = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
 _FP32_WIDE_HEAD = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-_FP32_DKDV = KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=1)
+_FP32_BWD = KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
+_FP32_DKDV = KernelConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
 
 
-def _entry(forward: KernelConfig, backward_dq: KernelConfig, backward_dkdv: KernelConfig) -> RopeAttentionConfig:
-    return RopeAttentionConfig(forward=forward, backward_dq=backward_dq, backward_dkdv=backward_dkdv, rope_block=64)
+def _entry(forward: KernelConfig, backward_dq: KernelConfig, backward_dkdv: KernelConfig,
+           head_dim: int) -> RopeAttentionConfig:
+    # RoPE kernel: 2048 elements per program (64 rows at Dh 32) keeps it under ~150 registers
+    return RopeAttentionConfig(forward=forward, backward_dq=backward_dq, backward_dkdv=backward_dkdv,
+                               rope_block=2048 // head_dim)
 
 
 _TABLE: Dict[Tuple[int, torch.dtype, int], RopeAttentionConfig] = {}
 for _cap in CAPABILITY_CLASSES:
     for _dtype in (torch.float16, torch.bfloat16):
-        _TABLE[(32, _dtype, _cap)] = _entry(_HALF, _HALF, _HALF)
-        _TABLE[(64, _dtype, _cap)] = _entry(_HALF, _HALF, _HALF)
-        _TABLE[(128, _dtype, _cap)] = _entry(_HALF_WIDE_HEAD, _HALF_WIDE_HEAD, _HALF_DKDV_WIDE_HEAD)
-    _TABLE[(32, torch.float32, _cap)] = _entry(_FP32, _FP32, _FP32_DKDV)
-    _TABLE[(64, torch.float32, _cap)] = _entry(_FP32, _FP32, _FP32_DKDV)
-    _TABLE[(128, torch.float32, _cap)] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD)
+        _TABLE[(32, _dtype, _cap)] = _entry(_HALF, _HALF, _HALF, 32)
+        _TABLE[(64, _dtype, _cap)] = _entry(_HALF, _HALF, _HALF_DKDV, 64)
+        _TABLE[(128, _dtype, _cap)] = _entry(_HALF_WIDE_HEAD, _HALF_WIDE_HEAD, _HALF_DKDV_WIDE_HEAD, 128)
+    _TABLE[(32, torch.float32, _cap)] = _entry(_FP32, _FP32, _FP32_DKDV, 32)
+    _TABLE[(64, torch.float32, _cap)] = _entry(_FP32, _FP32_BWD, _FP32_DKDV, 64)
+    _TABLE[(128, torch.float32, _cap)] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD, 128)
 
 
 def capability_class(capability) -> int:
