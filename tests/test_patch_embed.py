@@ -48,7 +48,7 @@ class Case:
 
 SMALL_CASES = [
     Case("p14_manyar_mixed", 3, 48, 14, 2, 3, portrait=(False, True, False)),
-    Case("p16_channels_last_square_manyar", 2, 64, 16, 2, 2, portrait=(True, False), layout="channels_last"),
+    Case("p16_channels_last_manyar", 2, 64, 16, 2, 3, portrait=(True, False), layout="channels_last"),
     Case("p8_sliced", 2, 32, 8, 3, 5, layout="sliced"),
 ]
 ODD_GRID = Case("p8_odd_grid_23x37", 3, 32, 8, 23, 37, portrait=(True, False, True))
@@ -60,11 +60,11 @@ def oracle(img, weight, bias, patch, true_shape, grad_tokens):
     cls = reference.ManyAR_PatchEmbed if many_ar else reference.PatchEmbedDust3R
     module = cls(img.shape[-2:], patch, 3, weight.shape[0]).double()
     with torch.no_grad():
-        module.proj.weight.copy_(weight.double())
-        module.proj.bias.copy_(bias.double())
-    x = img.detach().double().requires_grad_()
+        module.proj.weight.copy_(weight.cpu().double())
+        module.proj.bias.copy_(bias.cpu().double())
+    x = img.detach().cpu().double().requires_grad_()
     tokens, pos = module(x, true_shape=true_shape.cpu()) if many_ar else module(x)
-    tokens.backward(grad_tokens.double())
+    tokens.backward(grad_tokens.cpu().double())
     return tokens.detach(), pos, (x.grad, module.proj.weight.grad, module.proj.bias.grad)
 
 
@@ -122,6 +122,19 @@ def test_image_without_grad_skips_image_gradient(device):
     tokens, _ = patch_embed(img, weight, bias, case.patch)
     tokens.sum().backward()
     assert img.grad is None and weight.grad is not None and bias.grad is None
+
+
+def test_autocast_casts_like_conv2d(device):
+    img, weight, bias = (t.to(device).requires_grad_() for t in (torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8),
+                                                               torch.randn(8)))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        tokens, _ = patch_embed(img, weight, bias, 8)
+    assert tokens.dtype == torch.bfloat16
+    tokens.float().sum().backward()
+    assert img.grad.dtype == weight.grad.dtype == bias.grad.dtype == torch.float32
+    expected = reference.PatchEmbedDust3R(16, 8, 3, 8).double()
+    expected.proj.weight.data, expected.proj.bias.data = weight.detach().cpu().double(), bias.detach().cpu().double()
+    assert_close_to_reference(tokens, expected(img.detach().cpu().double())[0])
 
 
 def test_empty_batch(device):
