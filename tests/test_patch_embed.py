@@ -10,7 +10,7 @@ import torch
 import fastpatch
 from fastpatch import reference
 from fastpatch.ops.patch_embed import patch_embed
-from fastpatch.testing import assert_close_to_reference
+from fastpatch.testing import assert_close_to_reference, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "torch"]
@@ -198,7 +198,7 @@ BAD_INPUTS = [
     ("channels", lambda i, w, b: (i[:, :2], w, b, 8, {}), ValueError, "channels"),
     ("3-D image", lambda i, w, b: (i[0], w, b, 8, {}), ValueError, "4-D"),
     ("integer image", lambda i, w, b: (i.long(), w, b, 8, {}), TypeError, "floating"),
-    ("float64 image", lambda i, w, b: (i.double(), w.double(), b.double(), 8, {}), TypeError, "not supported"),
+    ("complex image", lambda i, w, b: (i.cfloat(), w.cfloat(), b.cfloat(), 8, {}), TypeError, "floating"),
     ("dtype mismatch", lambda i, w, b: (i.half(), w, b, 8, {}), TypeError, "share a dtype"),
     ("patch vs weight", lambda i, w, b: (i, w, b, 16, {}), ValueError, "does not match"),
     ("non-square patch", lambda i, w, b: (i, w, b, (8, 4), {}), ValueError, "square"),
@@ -223,3 +223,13 @@ def test_bad_inputs_raise_before_work(name, make, error, match):
     img, weight, bias, patch, kwargs = make(*_good())
     with pytest.raises(error, match=match):
         patch_embed(img, weight, bias, patch, **kwargs)
+
+
+def test_float64_runs_the_torch_path_with_a_warning_under_triton():
+    img, weight, bias = (t.double() for t in _good())
+    expected = torch.nn.functional.conv2d(img, weight, bias, stride=8).flatten(2).transpose(1, 2)
+    expected_pos = reference.PositionGetter()(2, 2, 4, "cpu")
+    with pytest.warns(RuntimeWarning, match="float64; this patch embedding runs on the torch path"):
+        tokens, pos = patch_embed(img, weight, bias, 8)
+    assert tokens.dtype == torch.float64 and torch.equal(pos, expected_pos)
+    assert relative_error(tokens, expected) < 1e-12

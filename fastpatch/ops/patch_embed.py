@@ -9,6 +9,7 @@ picks the implementation with :func:`fastpatch.backend.select_backend`:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,9 +20,8 @@ from .patch_embed_triton import patch_embed_triton
 
 __all__ = ["patch_embed"]
 
-# Dynamo cannot trace the ContextVar read inside select_backend: under torch.compile the backend is
-# decided once, when the graph is traced (the device and any use_backend override at that time).
-_select_backend = torch.compiler.assume_constant_result(select_backend)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
 def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -> int:
@@ -43,8 +43,8 @@ def _check_tensors(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
         raise ValueError(f"img must be 4-D (B, C, H, W), got shape {tuple(img.shape)}")
     if not img.is_floating_point():
         raise TypeError(f"img must have a floating dtype, got {img.dtype}")
-    if img.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"img dtype {img.dtype} is not supported; use float32, float16 or bfloat16")
+    if img.dtype not in TORCH_DTYPES:
+        raise TypeError(f"img dtype {img.dtype} is not supported; use float32, float16, bfloat16 or float64")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (embed_dim, C, p, p), got shape {tuple(weight.shape)}")
     if tuple(bias.shape) != (weight.shape[0],):
@@ -88,9 +88,12 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
 
 
 def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Cast to the autocast dtype when autocast is on for the image's device (as conv2d would)."""
+    """Cast to the autocast dtype when autocast is on for the image's device (as conv2d would).
+
+    Devices without autocast (``meta``) are left alone: asking them raises in torch.
+    """
     device_type = img.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return img, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return img.to(dtype), weight.to(dtype), bias.to(dtype)
@@ -102,6 +105,7 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
 
     Args:
         img: (B, C_in, Hi, Wi) float32/float16/bfloat16, any strides; Hi and Wi multiples of p.
+            float64 runs on the torch path (with a warning where the Triton backend was selected).
         weight: (E, C_in, p, p), the stride-p convolution weight; bias: (E,). Same dtype as img
             (or any float dtypes under autocast, which casts all three like ``conv2d``).
         patch_size: p, an int or a pair (p, p).
@@ -125,6 +129,9 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     common_device(img, weight, bias, true_shape if many_ar else None)
     portrait = _portrait_flags(img, true_shape) if many_ar else None
     img, weight, bias = _autocast(img, weight, bias)
-    if img.shape[0] > 0 and _select_backend(img, weight, bias) == "triton":
-        return patch_embed_triton(img, weight, bias, p, portrait)
+    if img.shape[0] > 0 and select_backend(img, weight, bias) == "triton":
+        if img.dtype in TRITON_DTYPES:
+            return patch_embed_triton(img, weight, bias, p, portrait)
+        warnings.warn(f"fastpatch: the Triton patch-embedding kernels support float32/float16/bfloat16, got "
+                      f"{img.dtype}; this patch embedding runs on the torch path", RuntimeWarning, stacklevel=2)
     return patch_embed_torch(img, weight, bias, p, portrait)
