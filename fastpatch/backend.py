@@ -11,7 +11,8 @@ Rules (``auto``, the default):
 Overrides, strongest first:
 
 * ``with fastpatch.use_backend("torch"):`` (or ``"triton"`` / ``"auto"``) for the current thread
-  or task (a :class:`contextvars.ContextVar`);
+  (a per-thread stack in a :class:`threading.local`, which ``torch.compile`` traces and guards on,
+  so the choice is made at trace time without graph breaks and a different choice recompiles);
 * the environment variable ``FASTPATCH_BACKEND=triton|torch|auto``, read at each call.
 
 Forcing ``triton`` for tensors that no Triton backend can run (CPU without the interpreter)
@@ -20,9 +21,9 @@ raises :class:`RuntimeError`; it never falls back silently.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
-from typing import Iterator, Optional
+import threading
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -39,7 +40,16 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "torch")
 
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastpatch_backend", default=None)
+# The per-thread stack of forced backends, innermost last, under the attribute ``stack``. A plain
+# ``threading.local`` (not a subclass) and list mutation only: what torch.compile traces (torch >= 2.4).
+_overrides = threading.local()
+
+
+def _stack() -> List[str]:
+    stack = getattr(_overrides, "stack", None)
+    if stack is None:
+        stack = _overrides.stack = []
+    return stack
 
 
 def interpreter_active() -> bool:
@@ -56,23 +66,30 @@ def _validate(name: str, source: str) -> str:
 
 def requested_backend() -> str:
     """The backend asked for: the innermost :func:`use_backend`, else ``FASTPATCH_BACKEND``, else ``"auto"``."""
-    value = _override.get()
-    if value is not None:
-        return value
+    stack = _stack()
+    if stack:
+        return stack[-1]
     env = os.environ.get("FASTPATCH_BACKEND")
     if env is None or env.strip() == "":
         return "auto"
     return _validate(env, "FASTPATCH_BACKEND")
 
 
-def set_backend_override(name: str) -> contextvars.Token:
-    """Force ``name`` for the current context until :func:`reset_backend_override` (prefer :func:`use_backend`)."""
-    return _override.set(_validate(name, "backend"))
+def set_backend_override(name: str) -> int:
+    """Force ``name`` in the current thread until :func:`reset_backend_override` (prefer :func:`use_backend`).
+
+    Returns:
+        A token: the depth of the override stack before this call.
+    """
+    value = _validate(name, "backend")
+    stack = _stack()
+    stack.append(value)
+    return len(stack) - 1
 
 
-def reset_backend_override(token: contextvars.Token) -> None:
-    """Undo the :func:`set_backend_override` call that returned ``token``."""
-    _override.reset(token)
+def reset_backend_override(token: int) -> None:
+    """Undo the :func:`set_backend_override` call that returned ``token`` (and any made after it)."""
+    del _stack()[token:]
 
 
 @contextlib.contextmanager

@@ -124,19 +124,35 @@ class PatchReport:
 class _BackendScope:
     """Forward pre/post hooks that run a module's forward under ``use_backend(backend)``.
 
-    A per-thread stack of context tokens makes nested and re-entrant calls safe; the post hook is
-    registered with ``always_call=True`` so an exception in forward still restores the choice.
+    A per-thread stack of override tokens makes nested and re-entrant calls safe; the post hook is
+    registered with ``always_call=True`` so an exception in forward still restores the choice (and
+    does nothing when an earlier pre hook raised before ``enter`` ran). Only a plain
+    ``threading.local`` read and list mutation: ``torch.compile`` traces both hooks without graph breaks.
     """
 
     def __init__(self, backend: str):
         self.backend = backend
         self.local = threading.local()
 
+    def _tokens(self) -> List[int]:
+        tokens = getattr(self.local, "tokens", None)
+        if tokens is None:
+            tokens = self.local.tokens = []
+        return tokens
+
     def enter(self, module, args) -> None:
-        self.local.__dict__.setdefault("tokens", []).append(set_backend_override(self.backend))
+        self._tokens().append(set_backend_override(self.backend))
 
     def exit(self, module, args, output) -> None:
-        reset_backend_override(self.local.tokens.pop())
+        tokens = self._tokens()
+        if tokens:
+            reset_backend_override(tokens.pop())
+
+    def __getstate__(self) -> dict:
+        return {"backend": self.backend}  # the per-thread tokens are transient (and threading.local does not pickle)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["backend"])
 
 
 def _adopt(original: nn.Module, cls: type, backend: str) -> nn.Module:

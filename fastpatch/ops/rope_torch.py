@@ -47,7 +47,9 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float, f0: float,
         frequency ``j``; the singleton axis broadcasts over heads.
     """
     angle_dtype = torch.promote_types(dtype, torch.float32)
-    omega = rope_frequencies(head_dim, float(base), float(f0), angle_dtype, positions.device)
+    # Under torch.compile the table is traced into the graph (constant-folded): no lru_cache lookup.
+    frequencies = rope_frequencies.__wrapped__ if torch.compiler.is_compiling() else rope_frequencies
+    omega = frequencies(head_dim, float(base), float(f0), angle_dtype, positions.device)
     angles = positions.to(angle_dtype).unsqueeze(-1) * omega  # (B, N, 2, Q)
     return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
 
@@ -69,6 +71,16 @@ def _rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out
 
 
+def _rotate_traced(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`_rotate_into` without ``out=`` writes into strided views, which ``torch.compile``
+    cannot trace (a graph break); same values and the same token-major ``(B, N, H, Dh)`` memory."""
+    quarter = x.shape[-1] // 4
+    x_a, x_b = x.transpose(1, 2).unflatten(-1, (2, 2, quarter)).unbind(-2)  # (B, N, H, y/x, Q) each
+    cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, N, 1, y/x, Q)
+    out = torch.stack((x_a * cos - x_b * sin, x_b * cos + x_a * sin), dim=-2)  # (B, N, H, y/x, a/b, Q)
+    return out.flatten(-3).transpose(1, 2)
+
+
 class _RopeRotation(torch.autograd.Function):
     """Rotation as an autograd op: the backward is the inverse rotation (``sin -> -sin``), itself
     expressed through this Function so double backward works."""
@@ -76,6 +88,8 @@ class _RopeRotation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
+        if torch.compiler.is_compiling():
+            return _rotate_traced(x, cos, sin)
         return _rotate_into(x, cos, sin)
 
     @staticmethod
