@@ -12,18 +12,17 @@ Providers:
 * ``torch_sdpa``: fastpatch modules forced onto the torch path (RoPE tables + SDPA);
 * ``fastpatch``: fastpatch modules with the automatic choice (torch path on CPU, Triton on CUDA).
 
-``benchmark.extra_info`` records the case, the max relative error of the output against ``eager``
-(same weights, same inputs), peak CUDA memory of one timed call, the CPU thread count and, for
-``fastpatch``, ``speedup_vs_eager``: median eager time / median fastpatch time over calls that
-alternate the two (the CPU is shared and noisy; interleaving keeps both sides under the same load).
+Each provider is timed with a partner run between its rounds (:func:`cases.run_side`: ``eager``'s
+partner is ``fastpatch``, the others' is ``eager``), so both sides see the same load on a shared,
+noisy CPU; ``benchmark.extra_info`` records ``partner_over_this`` (> 1: faster than the partner),
+the max relative error of the output against ``eager`` (same weights, same inputs), peak CUDA
+memory of one call, the CPU thread count and the case.
 This file never sets ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -32,15 +31,15 @@ import torch
 
 import fastpatch
 from fastpatch import reference
-from fastpatch.testing import relative_error
+
+from cases import run_side, synchronize
 
 FULL = os.environ.get("FASTPATCH_BENCH_FULL", "0") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = ([torch.bfloat16, torch.float32] if FULL else [torch.bfloat16]) if DEVICE.type == "cuda" else [torch.float32]
 BATCHES = [1, 8] if FULL else [1]
 GRIDS = {196: (14, 14), 768: (24, 32)}  # tokens -> (rows, cols)
-ROUNDS = 10 if DEVICE.type == "cuda" else 5
-INTERLEAVED_PAIRS = 5
+ROUNDS = 10 if DEVICE.type == "cuda" else 3
 
 
 @dataclass(frozen=True)
@@ -83,15 +82,11 @@ PROVIDERS = {  # name -> (module namespace, backend context)
     "torch_sdpa": (fastpatch, lambda: fastpatch.use_backend("torch")),
     "fastpatch": (fastpatch, lambda: fastpatch.use_backend("auto")),
 }
+PARTNER = {"eager": "fastpatch", "torch_sdpa": "eager", "fastpatch": "eager"}
 
 
 def _first(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(module: torch.nn.Module, inputs: Tuple, mode: str, backend_context) -> Callable[[], torch.Tensor]:
@@ -100,7 +95,7 @@ def make_step(module: torch.nn.Module, inputs: Tuple, mode: str, backend_context
         def step():
             with torch.no_grad(), backend_context():
                 out = _first(module(*inputs))
-            _sync()
+            synchronize(DEVICE.type)
             return out
     else:
         grad_out = None
@@ -111,24 +106,9 @@ def make_step(module: torch.nn.Module, inputs: Tuple, mode: str, backend_context
                 out = _first(module(*inputs))
                 grad_out = torch.randn_like(out) if grad_out is None else grad_out
                 out.backward(grad_out)
-            _sync()
+            synchronize(DEVICE.type)
             return out
     return step
-
-
-def _seconds(step: Callable) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
-def interleaved_speedup(eager_step: Callable, step: Callable) -> float:
-    """Median eager time / median ``step`` time over alternating calls."""
-    eager_times, times = [], []
-    for _ in range(INTERLEAVED_PAIRS):
-        eager_times.append(_seconds(eager_step))
-        times.append(_seconds(step))
-    return statistics.median(eager_times) / statistics.median(times)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -139,24 +119,26 @@ def interleaved_speedup(eager_step: Callable, step: Callable) -> float:
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_bench_attention(benchmark, provider, component, mode, tokens, batch, dtype):
     spec = COMPONENTS[component]
+    benchmark.group = f"{component}-{mode}-n{tokens}-b{batch}-{str(dtype).replace('torch.', '')}"
     torch.manual_seed(0)
     eager = spec.build(reference).to(DEVICE, dtype)
-    namespace, backend_context = PROVIDERS[provider]
-    module = eager if provider == "eager" else spec.build(namespace).to(DEVICE, dtype)
-    module.load_state_dict(eager.state_dict())
     inputs = spec.inputs(batch, tokens, dtype, requires_grad=(mode == "forward_backward"))
-    step = make_step(module, inputs, mode, backend_context)
-    eager_step = make_step(eager, inputs, mode, contextlib.nullcontext)
+    steps = {}
+    for name in (provider, PARTNER[provider]):
+        namespace, backend_context = PROVIDERS[name]
+        module = eager if name == "eager" else spec.build(namespace).to(DEVICE, dtype)
+        module.load_state_dict(eager.state_dict())
+        steps[name] = make_step(module, inputs, mode, backend_context)
 
-    error = relative_error(step(), eager_step())  # also the warm-up of both sides
+    steps[provider]()  # warm-up, then one call for the peak memory
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    steps[provider]()
+    peak_memory = torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else None
+    run_side(benchmark, steps[provider], steps[PARTNER[provider]], reference=steps["eager"], rounds=ROUNDS,
+             warmup_rounds=1)
     benchmark.extra_info.update(
-        provider=provider, component=component, mode=mode, tokens=tokens, batch=batch, dtype=str(dtype),
-        device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        cpu_threads=torch.get_num_threads(), max_rel_error_vs_eager=error,
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else None,
+        provider=provider, partner=PARTNER[provider], component=component, mode=mode, tokens=tokens, batch=batch,
+        dtype=str(dtype), device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        cpu_threads=torch.get_num_threads(), peak_memory_bytes=peak_memory,
     )
-    if provider == "fastpatch":
-        benchmark.extra_info["speedup_vs_eager"] = interleaved_speedup(eager_step, step)
