@@ -14,12 +14,27 @@ Why these values (unit roundoff u: fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3):
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Tolerance", "TOLERANCES", "relative_error", "assert_close_to_reference", "compile_for_gpu"]
+__all__ = [
+    "Tolerance",
+    "TOLERANCES",
+    "relative_error",
+    "assert_close_to_reference",
+    "SHARED_MEMORY_LIMIT",
+    "compile_for_gpu",
+    "compile_summary",
+    "print_compile_results",
+    "compile_results_in_subprocesses",
+]
 
 
 @dataclass(frozen=True)
@@ -101,3 +116,61 @@ def compile_for_gpu(kernel, signature: Dict[str, str], constexprs: Dict[str, obj
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+#: Shared memory per block a launch configuration may use, by capability class: the sm_90 opt-in
+#: maximum (227 KB); the "80" tables also serve sm_86/89 (99 KB), so they are held to that rather
+#: than A100's 163 KB.
+SHARED_MEMORY_LIMIT: Dict[int, int] = {80: 99 * 1024, 90: 227 * 1024}
+
+
+def compile_summary(kernel, signature: Dict[str, str], constexprs: Dict[str, object], capability: int,
+                    num_warps: int = 4, num_stages: int = 3) -> Dict[str, object]:
+    """Compile with :func:`compile_for_gpu` and summarise what the tests check.
+
+    Returns:
+        ``{"wgmma": bool, "mma_sync": bool, "shared": bytes}``: whether the PTX uses Hopper
+        (``wgmma``) or Ampere (``mma.sync``) tensor-core instructions, and the shared memory used.
+    """
+    compiled = compile_for_gpu(kernel, signature, constexprs, capability, num_warps=num_warps, num_stages=num_stages)
+    ptx = compiled.asm["ptx"]
+    return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared}
+
+
+def print_compile_results(cases: Sequence[Tuple[str, Callable[[], Dict[str, object]]]], argv: Sequence[str]) -> None:
+    """Script side of :func:`compile_results_in_subprocesses`: compile this shard's cases, one JSON line each.
+
+    ``argv`` is ``[shard, num_shards]``; case ``i`` belongs to shard ``i % num_shards``. A case that
+    fails to compile is reported as ``{"error": "..."}`` (the test then fails on that case only).
+    """
+    shard, num_shards = (int(a) for a in argv) if argv else (0, 1)
+    for case_id, compile_case in list(cases)[shard::num_shards]:
+        try:
+            result = compile_case()
+        except Exception as exc:  # reported per case by the test
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        print(json.dumps([case_id, result]), flush=True)
+
+
+def compile_results_in_subprocesses(script: str, timeout: float, num_shards: Optional[int] = None) -> Dict[str, dict]:
+    """Run ``script`` (a test file whose ``__main__`` calls :func:`print_compile_results`) in parallel shards.
+
+    The test session runs with ``TRITON_INTERPRET=1``, under which ``@triton.jit`` functions cannot be
+    compiled for a GPU, so the compiles happen in subprocesses without it, one per CPU core.
+
+    Returns:
+        case id -> the summary of :func:`compile_summary` (or ``{"error": ...}``).
+    """
+    num_shards = num_shards or max(1, os.cpu_count() or 1)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(shard: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, str(shard), str(num_shards)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    with ThreadPoolExecutor(num_shards) as pool:
+        procs = list(pool.map(run, range(num_shards)))
+    results = dict(json.loads(line) for proc in procs for line in proc.stdout.splitlines() if line.startswith("["))
+    if not results:
+        raise AssertionError("the compile subprocesses reported nothing:\n" + "\n".join(p.stderr[-3000:] for p in procs))
+    return results

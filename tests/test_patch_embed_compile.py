@@ -1,16 +1,13 @@
 """Patch embedding under compilers.
 
 * Every kernel, in every dtype and launch configuration :func:`patch_embed_config` can choose,
-  compiled ahead of time for sm_80 and sm_90 (catches what the interpreter forgives). The test
-  session runs with ``TRITON_INTERPRET=1``, under which ``@triton.jit`` functions cannot be
-  compiled for a GPU, so one subprocess without it (this file run as a script) compiles every
-  case and reports each result as a JSON line.
+  compiled ahead of time for sm_80 and sm_90 (catches what the interpreter forgives), in
+  subprocesses without the interpreter (this file run as a script, see
+  :func:`fastpatch.testing.compile_results_in_subprocesses`).
 * The ``fastpatch::`` custom ops pass ``torch.library.opcheck`` and trace under ``torch.compile``
   with ``fullgraph=True`` (no graph breaks).
 """
-import json
-import os
-import subprocess
+import functools
 import sys
 
 import pytest
@@ -24,7 +21,12 @@ from fastpatch.kernels.patch_embed import (
     patch_embed_grad_weight_kernel,
 )
 from fastpatch.ops import patch_embed_triton  # noqa: F401  (registers the fastpatch:: ops)
-from fastpatch.testing import compile_for_gpu
+from fastpatch.testing import (
+    SHARED_MEMORY_LIMIT,
+    compile_results_in_subprocesses,
+    compile_summary,
+    print_compile_results,
+)
 
 KERNELS = [patch_embed_fwd_kernel, patch_embed_grad_weight_kernel, patch_embed_grad_image_kernel]
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -73,21 +75,14 @@ def _signature(kernel, dtype: torch.dtype):
 def _compile(kernel, capability, dtype, config, many_ar=True, precision="ieee"):
     constexprs = dict(PATCH=16, MANY_AR=many_ar, UPCAST=False, DOT_PRECISION=precision,
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-    compiled = compile_for_gpu(kernel, _signature(kernel, dtype), constexprs, capability,
-                               num_warps=config.num_warps, num_stages=config.num_stages)
-    ptx = compiled.asm["ptx"]
-    return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared}
+    return compile_summary(kernel, _signature(kernel, dtype), constexprs, capability,
+                           num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @pytest.fixture(scope="module")
 def compiled_cases():
-    """case id -> compile result (or its error), from one subprocess without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    results = dict(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
-    if not results:
-        pytest.fail(f"the compile subprocess reported nothing:\n{proc.stderr[-4000:]}")
-    return results
+    """case id -> compile result (or its error), from subprocesses without the interpreter."""
+    return compile_results_in_subprocesses(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("case,capability,dtype", [c[:1] + c[2:4] for c in COMPILE_CASES],
@@ -97,7 +92,7 @@ def test_compiles_for_gpu(compiled_cases, case, capability, dtype):
     assert "error" not in result, result.get("error")
     if dtype != torch.float32:  # half precision must run on the tensor cores
         assert result["wgmma"] if capability == 90 else result["mma_sync"]
-    assert result["shared"] <= (227 if capability == 90 else 163) * 1024
+    assert result["shared"] <= SHARED_MEMORY_LIMIT[capability]
 
 
 def _inputs():
@@ -140,9 +135,5 @@ def test_torch_compile_fullgraph_forward_backward():
 
 
 if __name__ == "__main__":
-    for case_id, kernel, capability, dtype, config, options in COMPILE_CASES:
-        try:
-            result = _compile(kernel, capability, dtype, config, **options)
-        except Exception as exc:  # reported per case by the test
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps([case_id, result]), flush=True)
+    print_compile_results([(case_id, functools.partial(_compile, kernel, capability, dtype, config, **options))
+                           for case_id, kernel, capability, dtype, config, options in COMPILE_CASES], sys.argv[1:])
