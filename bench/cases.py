@@ -1,57 +1,58 @@
 """Shared structure of the fastpatch benchmarks (pytest-benchmark).
 
-A benchmark file defines:
+A benchmark file defines its :class:`Case` list and, per case, a dict of :class:`Side` objects
+(provider name -> a prepared, device-synchronised call on shared weights and inputs), then one test
+parametrised over ``(case, provider)`` that calls :func:`measure`. Provider names:
 
-* its :class:`Case` list (name, batch, image size, dtype, device), built with :func:`image_cases`;
-* a ``providers`` dict: provider name -> factory ``factory(case, shared) -> run``, where ``run`` is a
-  zero-argument callable running the op once (device-synchronised) on prepared inputs and
-  ``shared`` holds what both sides must share (weights, images);
-* one test parametrised over ``(case, provider)`` that calls :func:`run_side`.
+* ``eager``: :mod:`fastpatch.reference` (upstream's op order; the baseline of every ratio and error);
+* ``torch_path``: fastpatch under ``use_backend("torch")`` (RoPE tables + SDPA, reshape + addmm);
+  measured on CUDA only: on CPU it is exactly what ``fastpatch`` runs;
+* ``fastpatch``: the automatic choice (torch path on CPU, Triton kernels on CUDA);
+* file-specific extras (``triton_in_loop`` / ``triton_pre_rotated``, ``eager_compiled``).
 
-:func:`run_side` times one provider with another (its *partner*) run between its rounds
-(interleaved, so both sides see the same machine load), records the partner's median and the
-ratio in ``benchmark.extra_info``, and the provider's maximum relative error against the eager
-reference (:func:`fastpatch.testing.relative_error`). Run: ``pytest bench/ --benchmark-only``.
+:func:`measure` times the provider with its comparison sides (``eager``, and ``torch_path`` where it
+exists) run and timed before each of its rounds: interleaved, so all sides see the same load on a
+shared, noisy machine. It records in ``benchmark.extra_info`` what ``bench/report.py`` reads.
+
+``FASTPATCH_BENCH_FULL=1`` selects the full matrix (GPU sizes: batch 8, float32 + bfloat16, every
+component); the default is sized to finish in minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+import fastpatch
 from fastpatch.testing import relative_error
 
-__all__ = ["Case", "image_cases", "devices", "synchronize", "run_side"]
+__all__ = ["FULL", "DEVICE", "EAGER", "TORCH_PATH", "FASTPATCH", "Case", "Side", "base_providers", "device_name",
+           "dtype_name", "synchronize", "make_step", "measure"]
+
+FULL = os.environ.get("FASTPATCH_BENCH_FULL", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EAGER, TORCH_PATH, FASTPATCH = "eager", "torch_path", "fastpatch"
+BACKENDS = {EAGER: None, TORCH_PATH: "torch", FASTPATCH: "auto"}  # fastpatch backend each provider runs
 
 
-@dataclass(frozen=True)
-class Case:
-    """One benchmark input: a (batch, 3, height, width) image batch in ``dtype`` on ``device``."""
-
-    batch: int
-    height: int
-    width: int
-    dtype: torch.dtype
-    device: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.device}-{str(self.dtype).replace('torch.', '')}-{self.height}x{self.width}-b{self.batch}"
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
 
 
-def devices() -> List[str]:
-    """``["cpu"]``, plus ``"cuda"`` when a GPU is available."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def device_name(device: str = DEVICE) -> str:
+    """The GPU's name (``torch.cuda.get_device_name``), or ``"cpu"``."""
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
-def image_cases(sizes: Sequence[tuple], batches: Sequence[int], dtypes_per_device: Dict[str, Sequence[torch.dtype]]) -> List[Case]:
-    """Every (device, dtype, size, batch) combination for the available devices."""
-    return [Case(batch, height, width, dtype, device)
-            for device in devices() for dtype in dtypes_per_device[device]
-            for height, width in sizes for batch in batches]
+def base_providers(device: str = DEVICE) -> List[str]:
+    """``eager``, ``torch_path`` (CUDA only: on CPU it is ``fastpatch``), ``fastpatch``."""
+    return [EAGER] + ([TORCH_PATH] if device == "cuda" else []) + [FASTPATCH]
 
 
 def synchronize(device: str) -> None:
@@ -60,31 +61,139 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration; ``name`` is its id in tests, JSON and report."""
+
+    component: str  # "patch_embed", "block", "encoder", ...
+    mode: str  # "forward" or "forward_backward"
+    size: str  # "384x512" (image H x W) or "n768" (tokens)
+    batch: int
+    dtype: torch.dtype  # working dtype (the autocast dtype for whole models)
+    device: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.component}-{self.mode}-{self.size}-b{self.batch}-{dtype_name(self.dtype)}-{self.device}"
 
 
-def run_side(benchmark, run: Callable[[], Any], partner: Callable[[], Any], reference: Callable[[], Any],
-             rounds: int, warmup_rounds: int = 2) -> Any:
-    """Benchmark ``run`` with ``partner`` run (and timed) once before each of its rounds.
+@dataclass
+class Side:
+    """One provider's call: ``run()`` (timed, synchronised, returns the output) after ``prepare()`` (untimed)."""
 
-    Records in ``benchmark.extra_info``: ``partner_median_ms``, ``partner_over_this`` (partner
-    median / this median: > 1 means this side is faster) and ``max_rel_error_vs_eager`` of the first
-    output tensor against ``reference()``. Returns the output of ``run``.
+    run: Callable[[], Any]
+    prepare: Callable[[], None] = lambda: None
+
+    def __call__(self) -> Any:
+        self.prepare()
+        return self.run()
+
+
+def _backend_context(backend: Optional[str]):
+    return contextlib.nullcontext() if backend is None else fastpatch.use_backend(backend)
+
+
+def _tensors(output: Any) -> List[torch.Tensor]:
+    """Every tensor in a (nested) tuple/list output, in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    return [t for item in output for t in _tensors(item)] if isinstance(output, (tuple, list)) else []
+
+
+def make_step(call: Callable[..., Any], inputs: Sequence[Any], mode: str, device: str, backend: Optional[str] = None,
+              params: Sequence[torch.Tensor] = (), autocast: Optional[torch.dtype] = None) -> Callable[[], Any]:
+    """A synchronised call of ``call(*inputs)`` under ``use_backend(backend)`` (None: no override).
+
+    ``"forward"`` runs under ``torch.inference_mode`` (and ``torch.autocast(device, autocast)`` when
+    given) and returns the output; ``"forward_backward"``
+    back-propagates a fixed upstream gradient (seeded, the same for every provider) from the first
+    output tensor to the inputs that require grad and ``params``, with ``torch.autograd.grad`` (no
+    accumulation between rounds), and returns ``(output, *gradients)``.
     """
-    partner_times: List[float] = []
+    if mode == "forward":
+        def forward():
+            with torch.inference_mode(), _backend_context(backend), \
+                    torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out = call(*inputs)
+            synchronize(device)
+            return out
+        return forward
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad] + list(params)
+    grad_out: List[torch.Tensor] = []
 
-    def time_partner():
-        start = time.perf_counter()
-        partner()
-        partner_times.append(time.perf_counter() - start)
+    def forward_backward():
+        with _backend_context(backend):
+            out = _tensors(call(*inputs))[0]
+            if not grad_out:
+                generator = torch.Generator().manual_seed(1)
+                grad_out.append(torch.randn(out.shape, generator=generator).to(out.device, out.dtype))
+            grads = torch.autograd.grad(out, wrt, grad_out[0])
+        synchronize(device)
+        return (out.detach(), *grads)
+    return forward_backward
 
-    output = benchmark.pedantic(run, setup=time_partner, rounds=rounds, warmup_rounds=warmup_rounds)
-    partner_ms = statistics.median(partner_times[-rounds:]) * 1e3
+
+def _max_error(output: Any, reference: Any) -> float:
+    return max(relative_error(a.float(), e.float()) for a, e in zip(_tensors(output), _tensors(reference)))
+
+
+def _peak_memory(side: Side, device: str) -> Optional[int]:
+    """Bytes allocated above the resting level during one call (CUDA); None on CPU."""
+    if device != "cuda":
+        return None
+    side()  # warm-up: Triton/inductor compilation, allocator
+    torch.cuda.synchronize()
+    resting = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    side()
+    return torch.cuda.max_memory_allocated() - resting
+
+
+def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops: Optional[float], rounds: int,
+            warmup_rounds: int = 1) -> None:
+    """Benchmark ``sides[provider]`` interleaved with its comparison sides and record the results.
+
+    Before each round (warm-up rounds included) ``eager`` and, for providers other than these two,
+    ``torch_path`` (when in ``sides``) run once each, timed. ``benchmark.extra_info`` gets: the case
+    fields, ``provider``, ``device``, ``dtype``, ``flops``, ``cpu_threads``, ``peak_memory_bytes``
+    (CUDA max_memory_allocated delta of one call; None on CPU), ``max_rel_error_vs_eager`` (every
+    output tensor against eager's from the same round, :func:`fastpatch.testing.relative_error`),
+    ``eager_median_ms`` / ``vs_eager`` and ``torch_path_median_ms`` / ``vs_torch_path`` (their
+    median over this median: > 1 means this provider is faster).
+    """
+    partners = [name for name in (EAGER, TORCH_PATH) if name in sides and name != provider]
+    if provider == EAGER:
+        partners = []
+    times: Dict[str, List[float]] = {name: [] for name in partners}
+    eager_output: List[Any] = []
+
+    def run_partners():
+        for name in partners:
+            sides[name].prepare()
+            start = time.perf_counter()
+            output = sides[name].run()
+            times[name].append(time.perf_counter() - start)
+            if name == EAGER:
+                eager_output[:] = [output]
+        sides[provider].prepare()
+
+    peak_memory = _peak_memory(sides[provider], case.device)
+    output = benchmark.pedantic(sides[provider].run, setup=run_partners, rounds=rounds, warmup_rounds=warmup_rounds)
+    if benchmark.disabled:
+        return
     this_ms = benchmark.stats.stats.median * 1e3
-    error = relative_error(_first_tensor(output), _first_tensor(reference()))
-    benchmark.extra_info.update(partner_median_ms=round(partner_ms, 4), partner_over_this=round(partner_ms / this_ms, 3),
-                                max_rel_error_vs_eager=error)
-    print(f"\n{benchmark.name}: {this_ms:.3f} ms; partner {partner_ms:.3f} ms (x{partner_ms / this_ms:.2f}); "
-          f"max rel error vs eager {error:.2e}")
-    return output
+    medians = {name: statistics.median(samples[-rounds:]) * 1e3 for name, samples in times.items()}
+    medians[provider] = this_ms
+    error = 0.0 if provider == EAGER else _max_error(output, eager_output[0])
+    eager_ms, torch_ms = medians.get(EAGER), medians.get(TORCH_PATH)
+    benchmark.extra_info.update(
+        case=case.name, component=case.component, mode=case.mode, size=case.size, batch=case.batch,
+        provider=provider, device=device_name(case.device), dtype=dtype_name(case.dtype), flops=flops,
+        cpu_threads=torch.get_num_threads(), rounds=rounds, peak_memory_bytes=peak_memory,
+        max_rel_error_vs_eager=error,
+        eager_median_ms=round(eager_ms, 4), vs_eager=round(eager_ms / this_ms, 4),
+        torch_path_median_ms=None if torch_ms is None else round(torch_ms, 4),
+        vs_torch_path=None if torch_ms is None else round(torch_ms / this_ms, 4),
+    )
+    ratios = "".join(f"; {name} {ms:.3f} ms (x{ms / this_ms:.2f})" for name, ms in medians.items() if name != provider)
+    print(f"\n{case.name} [{provider}]: {this_ms:.3f} ms{ratios}; max rel error vs eager {error:.2e}")

@@ -1,57 +1,46 @@
-"""Patch embedding: the eager upstream-style module (conv2d + flatten + transpose, positions from
-a separate grid; :class:`fastpatch.reference.PatchEmbedDust3R`) against :class:`fastpatch.PatchEmbedDust3R`
+"""Patch embedding: the eager upstream-style module (conv2d + flatten + transpose, positions from a
+separate grid; :class:`fastpatch.reference.PatchEmbedDust3R`) against :class:`fastpatch.PatchEmbedDust3R`
 with the same weights. ViT-L width (embed_dim 1024), patch 16, 224x224 and 512x384 (H x W 384x512),
-batch 1 and 8; float32 on CPU (where fastpatch runs its torch path), plus float32 and bfloat16
-on CUDA (the Triton kernel) when a GPU is present. Inference (no grad)."""
+batch 1; float32 on CPU (where fastpatch runs its torch path), float32 and bfloat16 on CUDA (the
+Triton kernel, against the torch path too). ``FASTPATCH_BENCH_FULL=1`` adds batch 8. Inference.
+"""
 import pytest
 import torch
 
 import fastpatch
 from fastpatch import reference
 
-from cases import image_cases, run_side, synchronize
+from . import flops
+from .cases import BACKENDS, DEVICE, EAGER, FULL, Case, Side, base_providers, make_step, measure
 
 EMBED_DIM = 1024
 PATCH = 16
-CASES = image_cases(sizes=[(224, 224), (384, 512)], batches=[1, 8],
-                    dtypes_per_device={"cpu": [torch.float32], "cuda": [torch.float32, torch.bfloat16]})
-ROUNDS = 10
+SIZES = [(224, 224), (384, 512)]
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+CASES = [Case("patch_embed", "forward", f"{h}x{w}", batch, dtype, DEVICE)
+         for dtype in DTYPES for h, w in SIZES for batch in ([1, 8] if FULL else [1])]
+ROUNDS = 20 if DEVICE == "cuda" else 10
 
 
-def _shared(case):
-    """Image and weights both sides use."""
+def build_sides(case: Case):
+    """Every provider's call on one shared image and one set of weights."""
+    height, width = (int(v) for v in case.size.split("x"))
     torch.manual_seed(0)
-    eager = reference.PatchEmbedDust3R((case.height, case.width), PATCH, 3, EMBED_DIM)
-    img = torch.randn(case.batch, 3, case.height, case.width)
-    return {"state_dict": eager.state_dict(), "img": img.to(case.device, case.dtype)}
+    img = torch.randn(case.batch, 3, height, width).to(case.device, case.dtype)
+    eager = reference.PatchEmbedDust3R((height, width), PATCH, 3, EMBED_DIM).to(case.device, case.dtype).eval()
+    patched = fastpatch.PatchEmbedDust3R((height, width), PATCH, 3, EMBED_DIM).to(case.device, case.dtype).eval()
+    patched.load_state_dict(eager.state_dict())
+    return {name: Side(make_step(eager if name == EAGER else patched, (img,), case.mode, case.device, BACKENDS[name]))
+            for name in base_providers(case.device)}
 
 
-def _module_runner(cls):
-    def factory(case, shared):
-        module = cls((case.height, case.width), PATCH, 3, EMBED_DIM)
-        module.load_state_dict(shared["state_dict"])
-        module = module.to(case.device, case.dtype).eval()
-        img = shared["img"]
-
-        def run():
-            with torch.no_grad():
-                out = module(img)
-            synchronize(case.device)
-            return out
-        return run
-    return factory
+def case_flops(case: Case) -> float:
+    height, width = (int(v) for v in case.size.split("x"))
+    return flops.patch_embed(case.batch, (height // PATCH) * (width // PATCH), EMBED_DIM, PATCH)
 
 
-PROVIDERS = {"eager": _module_runner(reference.PatchEmbedDust3R), "fastpatch": _module_runner(fastpatch.PatchEmbedDust3R)}
-PARTNER = {"eager": "fastpatch", "fastpatch": "eager"}
-
-
-@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+@pytest.mark.parametrize("provider", base_providers())
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_patch_embed(benchmark, case, provider):
-    benchmark.group = f"patch_embed-{case.name}"
-    shared = _shared(case)
-    run = PROVIDERS[provider](case, shared)
-    partner = PROVIDERS[PARTNER[provider]](case, shared)
-    eager = run if provider == "eager" else partner
-    run_side(benchmark, run, partner, reference=eager, rounds=ROUNDS)
+    benchmark.group = case.name
+    measure(benchmark, case, provider, build_sides(case), case_flops(case), rounds=ROUNDS, warmup_rounds=2)
