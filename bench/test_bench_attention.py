@@ -98,7 +98,8 @@ def triton_rope_attention(k_rotation: str):
     from fastpatch.ops.rope_attention_triton import rope_attention_triton
 
     def call(q, k, v, pos):
-        return rope_attention_triton(q, k, v, pos, pos, ROPE_BASE, 1.0, q.shape[-1] ** -0.5, k_rotation=k_rotation)
+        out = rope_attention_triton(q, k, v, pos, pos, ROPE_BASE, 1.0, q.shape[-1] ** -0.5, k_rotation=k_rotation)
+        return out.transpose(1, 2)  # (B, N, H, Dh) -> (B, H, N, Dh), like the other providers
     return call
 
 
