@@ -95,6 +95,26 @@ def round_to(x, dtype: tl.constexpr, UPCAST_BF16: tl.constexpr):
 
 
 @triton.jit
+def load_rows(ptr, stride_n, stride_d, offs_n, mask_n, HEAD_DIM: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """Load rows ``offs_n`` of one head's (N, Dh) tile (masked rows read as zeros), unrotated.
+
+    ``UPCAST_BF16`` (interpreter only) returns fp32, as :func:`load_pair_halves` does.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = tl.load(ptr + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_n[:, None], other=0.0)
+    if UPCAST_BF16:
+        rows = rows.to(tl.float32)
+    return rows
+
+
+@triton.jit
+def pair_scores(x_a, x_b, y_a, y_b):
+    """fp32 ``x @ y^T`` for tiles given as pair halves: ``x_a y_a^T + x_b y_b^T`` (IEEE fp32 for fp32 inputs)."""
+    scores = tl.dot(x_a, tl.trans(y_a), input_precision="ieee")
+    return tl.dot(x_b, tl.trans(y_b), scores, input_precision="ieee")
+
+
+@triton.jit
 def load_pair_halves(ptr, stride_n, stride_d, offs_n, mask_n, pos_ptr, stride_pos_n, stride_pos_c, freq_ptr,
                      HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr, UPCAST_BF16: tl.constexpr):
     """Load rows ``offs_n`` of one head's (N, Dh) tile as pair halves ``a``, ``b`` (BLOCK, Dh/2).

@@ -15,7 +15,15 @@ applied before the store. Rotated operands use the pair-half split of :mod:`fast
 import triton
 import triton.language as tl
 
-from .rope import load_pair_halves, rope_cos_sin, rotate_pairs, round_to, store_pair_halves
+from .rope import (
+    load_pair_halves,
+    load_rows,
+    pair_scores,
+    rope_cos_sin,
+    rotate_pairs,
+    round_to,
+    store_pair_halves,
+)
 from .rope_attention_fwd import LOG2E
 
 
@@ -56,7 +64,6 @@ def rope_attention_bwd_dq_kernel(
     head = (batch_head % num_heads).to(tl.int64)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seq_q
-    offs_d = tl.arange(0, HEAD_DIM)
     k_base = k_ptr + batch * stride_kb + head * stride_kh
     v_base = v_ptr + batch * stride_vb + head * stride_vh
     k_pos_base = k_pos_ptr + batch * stride_kpos_b
@@ -65,14 +72,12 @@ def rope_attention_bwd_dq_kernel(
     qk_scale_log2 = scale * LOG2E
 
     # load dO and O; delta = rowsum(dO * O), stored for the dK/dV kernel
-    grad_out = tl.load(grad_out_ptr + batch * stride_gob + head * stride_goh + offs_m[:, None] * stride_gon
-                       + offs_d[None, :] * stride_god, mask=mask_m[:, None], other=0.0)
-    out = tl.load(out_ptr + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on
-                  + offs_d[None, :] * stride_od, mask=mask_m[:, None], other=0.0)
+    grad_out = load_rows(grad_out_ptr + batch * stride_gob + head * stride_goh, stride_gon, stride_god, offs_m, mask_m,
+                         HEAD_DIM, UPCAST_BF16)
+    out = load_rows(out_ptr + batch * stride_ob + head * stride_oh, stride_on, stride_od, offs_m, mask_m, HEAD_DIM,
+                    UPCAST_BF16)
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + row_stats, delta, mask=mask_m)
-    if UPCAST_BF16:
-        grad_out = grad_out.to(tl.float32)
     lse_log2 = tl.load(lse_ptr + row_stats, mask=mask_m, other=0.0) * LOG2E
 
     # load + rotate the query tile once
@@ -87,13 +92,9 @@ def rope_attention_bwd_dq_kernel(
         # load + rotate a key tile, load its value tile
         k_a, k_b = load_pair_halves(k_base, stride_kn, stride_kd, offs_n, mask_n, k_pos_base, stride_kpos_n,
                                     stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None],
-                    other=0.0)
-        if UPCAST_BF16:
-            v = v.to(tl.float32)
+        v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
         # recompute the probabilities from the log-sum-exp; keys past the end get 0
-        scores = tl.dot(q_a, tl.trans(k_a), input_precision="ieee")
-        scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision="ieee")
+        scores = pair_scores(q_a, q_b, k_a, k_b)
         probs = tl.exp2(scores * qk_scale_log2 - lse_log2[:, None])
         probs = tl.where(mask_n[None, :], probs, 0.0)
         # dS = P * (dO v^T - delta); dq' += dS k'
@@ -146,10 +147,8 @@ def rope_attention_bwd_dkdv_kernel(
     # load + rotate the key tile once, load its value tile
     k_a, k_b = load_pair_halves(k_ptr + batch * stride_kb + head * stride_kh, stride_kn, stride_kd, offs_n, mask_n,
                                 k_pos_base, stride_kpos_n, stride_kpos_c, freq_ptr, HEAD_DIM, ROPE, UPCAST_BF16)
-    v = tl.load(v_ptr + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn
-                + offs_d[None, :] * stride_vd, mask=mask_n[:, None], other=0.0)
-    if UPCAST_BF16:
-        v = v.to(tl.float32)
+    v = load_rows(v_ptr + batch * stride_vb + head * stride_vh, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM,
+                  UPCAST_BF16)
 
     grad_k_a = tl.zeros((BLOCK_N, HEAD_DIM // 2), dtype=tl.float32)
     grad_k_b = tl.zeros((BLOCK_N, HEAD_DIM // 2), dtype=tl.float32)
@@ -160,15 +159,11 @@ def rope_attention_bwd_dkdv_kernel(
         # load + rotate a query tile; load its dO, log-sum-exp and delta
         q_a, q_b = load_pair_halves(q_base, stride_qn, stride_qd, offs_m, mask_m, q_pos_base, stride_qpos_n,
                                     stride_qpos_c, freq_ptr, HEAD_DIM, ROTATE_Q_IN_LOOP, UPCAST_BF16)
-        grad_out = tl.load(grad_out_base + offs_m[:, None] * stride_gon + offs_d[None, :] * stride_god,
-                           mask=mask_m[:, None], other=0.0)
-        if UPCAST_BF16:
-            grad_out = grad_out.to(tl.float32)
+        grad_out = load_rows(grad_out_base, stride_gon, stride_god, offs_m, mask_m, HEAD_DIM, UPCAST_BF16)
         lse_log2 = tl.load(lse_ptr + stats_base + offs_m, mask=mask_m, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + stats_base + offs_m, mask=mask_m, other=0.0)
         # recompute P^T from the log-sum-exp; queries past the end get 0
-        scores_t = tl.dot(k_a, tl.trans(q_a), input_precision="ieee")
-        scores_t = tl.dot(k_b, tl.trans(q_b), scores_t, input_precision="ieee")
+        scores_t = pair_scores(k_a, k_b, q_a, q_b)
         probs_t = tl.exp2(scores_t * qk_scale_log2 - lse_log2[None, :])
         probs_t = tl.where(mask_m[None, :], probs_t, 0.0)
         # dV += P^T dO

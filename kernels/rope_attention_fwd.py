@@ -8,7 +8,7 @@ arbitrary views (e.g. slices of a fused qkv projection) and the output can be wr
 import triton
 import triton.language as tl
 
-from .rope import load_pair_halves, round_to
+from .rope import load_pair_halves, load_rows, pair_scores, round_to
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -60,13 +60,9 @@ def rope_attention_fwd_kernel(
         # load + rotate a key tile, load its value tile
         k_a, k_b = load_pair_halves(k_base, stride_kn, stride_kd, offs_n, mask_n, k_pos_base, stride_kpos_n,
                                     stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None],
-                    other=0.0)
-        if UPCAST_BF16:
-            v = v.to(tl.float32)
+        v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
         # scale: base-2 scores, keys past the end masked out
-        scores = tl.dot(q_a, tl.trans(k_a), input_precision="ieee")
-        scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision="ieee")
+        scores = pair_scores(q_a, q_b, k_a, k_b)
         scores = tl.where(mask_n[None, :], scores * qk_scale_log2, float("-inf"))
         # online softmax: rescale the running sum and accumulator to the new row maximum
         new_max = tl.maximum(row_max, tl.max(scores, 1))
