@@ -157,9 +157,11 @@ def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops:
     ``torch_path`` (when in ``sides``) run once each, timed. ``benchmark.extra_info`` gets: the case
     fields, ``provider``, ``device``, ``dtype``, ``flops``, ``cpu_threads``, ``peak_memory_bytes``
     (CUDA max_memory_allocated delta of one call; None on CPU), ``max_rel_error_vs_eager`` (every
-    output tensor against eager's from the same round, :func:`fastpatch.testing.relative_error`),
-    ``eager_median_ms`` / ``vs_eager`` and ``torch_path_median_ms`` / ``vs_torch_path`` (their
-    median over this median: > 1 means this provider is faster).
+    output tensor against eager's, :func:`fastpatch.testing.relative_error`), ``ms_per_round`` and,
+    for ``eager`` / ``torch_path``, ``<side>_ms_per_round`` (the partner's call just before each
+    round), ``<side>_median_ms`` and ``vs_<side>``: the median over rounds of partner time / this
+    time (paired, so a load change between rounds cancels out; > 1 means this provider is faster).
+    For ``eager`` itself the eager fields describe its own rounds (ratio 1).
     """
     partners = [name for name in (EAGER, TORCH_PATH) if name in sides and name != provider]
     if provider == EAGER:
@@ -181,19 +183,25 @@ def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops:
     output = benchmark.pedantic(sides[provider].run, setup=run_partners, rounds=rounds, warmup_rounds=warmup_rounds)
     if benchmark.disabled:
         return
-    this_ms = benchmark.stats.stats.median * 1e3
-    medians = {name: statistics.median(samples[-rounds:]) * 1e3 for name, samples in times.items()}
-    medians[provider] = this_ms
+    this_ms = [t * 1e3 for t in benchmark.stats.stats.data]
+    rounds_ms = {name: [t * 1e3 for t in samples[-rounds:]] for name, samples in times.items()}
+    rounds_ms[provider] = this_ms
+    ratios = {name: statistics.median(p / t for p, t in zip(samples, this_ms)) for name, samples in rounds_ms.items()}
     error = 0.0 if provider == EAGER else _max_error(output, eager_output[0])
-    eager_ms, torch_ms = medians.get(EAGER), medians.get(TORCH_PATH)
-    benchmark.extra_info.update(
-        case=case.name, component=case.component, mode=case.mode, size=case.size, batch=case.batch,
-        provider=provider, device=device_name(case.device), dtype=dtype_name(case.dtype), flops=flops,
-        cpu_threads=torch.get_num_threads(), rounds=rounds, peak_memory_bytes=peak_memory,
-        max_rel_error_vs_eager=error,
-        eager_median_ms=round(eager_ms, 4), vs_eager=round(eager_ms / this_ms, 4),
-        torch_path_median_ms=None if torch_ms is None else round(torch_ms, 4),
-        vs_torch_path=None if torch_ms is None else round(torch_ms / this_ms, 4),
-    )
-    ratios = "".join(f"; {name} {ms:.3f} ms (x{ms / this_ms:.2f})" for name, ms in medians.items() if name != provider)
-    print(f"\n{case.name} [{provider}]: {this_ms:.3f} ms{ratios}; max rel error vs eager {error:.2e}")
+    info = dict(case=case.name, component=case.component, mode=case.mode, size=case.size, batch=case.batch,
+                provider=provider, device=device_name(case.device), dtype=dtype_name(case.dtype), flops=flops,
+                cpu_threads=torch.get_num_threads(), rounds=rounds, peak_memory_bytes=peak_memory,
+                max_rel_error_vs_eager=error, ms_per_round=_rounded(this_ms))
+    for name, key in ((EAGER, "eager"), (TORCH_PATH, "torch_path")):
+        samples = rounds_ms.get(name)
+        info.update({f"{key}_ms_per_round": None if samples is None else _rounded(samples),
+                     f"{key}_median_ms": None if samples is None else round(statistics.median(samples), 4),
+                     f"vs_{key}": None if samples is None else round(ratios[name], 4)})
+    benchmark.extra_info.update(info)
+    this_median = statistics.median(this_ms)
+    others = "".join(f"; {name} {statistics.median(rounds_ms[name]):.3f} ms (x{ratios[name]:.2f})" for name in partners)
+    print(f"\n{case.name} [{provider}]: {this_median:.3f} ms{others}; max rel error vs eager {error:.2e}")
+
+
+def _rounded(samples: List[float]) -> List[float]:
+    return [round(ms, 4) for ms in samples]

@@ -6,8 +6,8 @@
 Reads pytest-benchmark JSON files (``pytest bench/ --benchmark-only --benchmark-json=RESULTS.json``)
 and writes ``DIR/report.md`` (default: the first JSON's folder): a header with device, torch/triton
 versions, commit and date, then one row per case and provider: median time, the interleaved ratios
-vs eager and vs the torch path (their median over this median, measured side by side by
-``bench/cases.py``), achieved TFLOP/s and % of the GPU's dense peak, peak memory, max relative error
+vs eager and vs the torch path (measured side by side, interleaved, by ``bench/cases.py``: the
+median of the per-round ratios), achieved TFLOP/s and % of the GPU's dense peak, peak memory, max relative error
 vs eager. ``DIR/plot.png`` shows the ratios vs eager (skipped, with a message, without matplotlib).
 Self-contained (standard library only), so both invocations work.
 """
@@ -17,10 +17,11 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from typing import Dict, List, Optional
 
-__all__ = ["PEAK_TFLOPS", "load_rows", "peak_tflops", "markdown", "plot", "main"]
+__all__ = ["PEAK_TFLOPS", "load_rows", "peak_tflops", "ratio", "markdown", "plot", "main"]
 
 # Dense peak TFLOP/s per device-name fragment (first match wins): tensor-core bf16/fp16, plain fp32.
 PEAK_TFLOPS = [
@@ -40,8 +41,18 @@ def peak_tflops(device: str, dtype: str) -> Optional[float]:
     return None
 
 
-def _ratio(partner_ms: Optional[float], this_ms: float) -> Optional[float]:
-    return None if partner_ms is None else partner_ms / this_ms
+def ratio(info: Dict, side: str, median_ms: float) -> Optional[float]:
+    """How many times faster this row is than ``side`` (``eager`` / ``torch_path``), None if not measured.
+
+    The median over rounds of (``side``'s call just before the round) / (the round) when the per-round
+    times are recorded (paired: a load change between rounds cancels out), else ``side``'s median over
+    this median.
+    """
+    partner, this = info.get(f"{side}_ms_per_round"), info.get("ms_per_round")
+    if partner and this and len(partner) == len(this):
+        return statistics.median(p / t for p, t in zip(partner, this))
+    partner_median = info.get(f"{side}_median_ms")
+    return None if partner_median is None else partner_median / median_ms
 
 
 def load_rows(paths: List[str]) -> tuple:
@@ -65,8 +76,7 @@ def load_rows(paths: List[str]) -> tuple:
             peak = peak_tflops(info.get("device", ""), info.get("dtype", ""))
             rows.append(dict(
                 case=info["case"], provider=info["provider"], median_ms=median_ms,
-                vs_eager=_ratio(info.get("eager_median_ms"), median_ms),
-                vs_torch_path=_ratio(info.get("torch_path_median_ms"), median_ms),
+                vs_eager=ratio(info, "eager", median_ms), vs_torch_path=ratio(info, "torch_path", median_ms),
                 tflops=tflops, percent_peak=100.0 * tflops / peak if tflops and peak else None,
                 peak_memory_mib=None if info.get("peak_memory_bytes") is None else info["peak_memory_bytes"] / 2 ** 20,
                 error=info.get("max_rel_error_vs_eager"), rounds=info.get("rounds"),
@@ -91,8 +101,8 @@ def markdown(header: Dict, rows: List[Dict]) -> str:
         f"- commit: {header.get('commit')}{dirty}",
         f"- date: {header.get('date')}",
         f"- matrix: {'full (FASTPATCH_BENCH_FULL=1)' if header.get('full') else 'default'}", "",
-        "Ratios are the other side's median over this row's median, measured interleaved in the same test "
-        "(> 1: this row is faster). `torch_path` is measured on CUDA only (on CPU it is what `fastpatch` runs). "
+        "Ratios: median over rounds of (the other side's call just before the round) / (the round), measured "
+        "interleaved in the same test (> 1: this row is faster). `torch_path` is measured on CUDA only (on CPU it is what `fastpatch` runs). "
         "Error: max |x - eager| / max |eager| over all outputs. FLOPs: spec §11 (fwd+bwd: 3x linear, 3.5x attention).",
         "",
         "| case | provider | median ms | x vs eager | x vs torch path | TFLOP/s | % peak | peak mem MiB | max rel err | rounds |",

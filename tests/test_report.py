@@ -47,6 +47,13 @@ def test_report_ratios_throughput_and_header(tmp_path):
     assert providers == ["eager", "torch_path", "fastpatch"]
 
 
+def test_report_pairs_per_round_ratios(tmp_path):
+    bench = _bench("enc", "fastpatch", 2.0, eager_ms=99.0, device="cpu")
+    # rounds of 1, 2, 4 s; the eager call before each: 3, 2, 8 s -> paired ratios 3, 1, 2 -> median 2
+    bench["extra_info"].update(ms_per_round=[1000.0, 2000.0, 4000.0], eager_ms_per_round=[3000.0, 2000.0, 8000.0])
+    assert _row(_report(tmp_path, [bench]), "enc", "fastpatch")[3] == "2.00"
+
+
 def test_report_cpu_leaves_percent_of_peak_empty(tmp_path):
     lines = _report(tmp_path, [_bench("enc", "fastpatch", 2.0, eager_ms=3000.0, device="cpu")])
     row = _row(lines, "enc", "fastpatch")
