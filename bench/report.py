@@ -132,7 +132,7 @@ def plot(rows: List[Dict], path: str) -> bool:
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("speedup vs eager (interleaved medians)")
+    ax.set_xlabel("speedup vs eager (median of interleaved per-round ratios)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
