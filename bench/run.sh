@@ -23,7 +23,7 @@ jsons=()
 for name in attention patch_embed model; do
     var="BENCH_TIMEOUT_${name^^}"
     start=$SECONDS rc=0
-    timeout -s INT -k 30 "${!var:-0}" python -m pytest "bench/test_bench_$name.py" --benchmark-only -q -s \
+    timeout -s INT -k 15 "${!var:-0}" python -m pytest "bench/test_bench_$name.py" --benchmark-only -q -s \
         -p no:cacheprovider --benchmark-json="$out/results-$name.json" >"$out/bench-$name.log" 2>&1 || rc=$?
     [ "$rc" -eq 0 ] || status=$rc
     echo "bench/test_bench_$name.py: $((SECONDS - start)) s (exit $rc)" | tee -a "$out/env.txt"
