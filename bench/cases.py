@@ -31,7 +31,7 @@ import torch
 import fastpatch
 from fastpatch.testing import relative_error
 
-__all__ = ["FULL", "DEVICE", "EAGER", "TORCH_PATH", "FASTPATCH", "Case", "Side", "base_providers", "device_name",
+__all__ = ["FULL", "DEVICE", "BACKENDS", "EAGER", "TORCH_PATH", "FASTPATCH", "Case", "Side", "base_providers", "device_name",
            "dtype_name", "synchronize", "make_step", "measure"]
 
 FULL = os.environ.get("FASTPATCH_BENCH_FULL", "0") == "1"
