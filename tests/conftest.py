@@ -1,11 +1,27 @@
-"""Test-suite set-up.
+"""Test-suite set-up, and the two modes the suite runs in.
 
-* ``TRITON_INTERPRET=1`` is set here, at import time, before anything imports triton, so CPU
-  tensors run the Triton kernels through the interpreter (``FASTPATCH_BACKEND=auto``). Set
-  ``FASTPATCH_TEST_COMPILED=1`` on a GPU machine to run the same tests with compiled kernels on
-  CUDA instead (``device`` fixture).
+Normal mode (default; no GPU needed)
+    ``TRITON_INTERPRET=1`` is set here, at import time, before anything imports triton. The
+    ``device`` fixture is CPU, and CPU tensors there run the Triton kernels through the
+    interpreter (``FASTPATCH_BACKEND=auto``). Every test runs, interpreter-only tests included.
+
+Compiled mode (``FASTPATCH_TEST_COMPILED=1``, on a CUDA machine; see bench/gpu_run.sh)
+    The interpreter stays off and the ``device`` fixture is CUDA, so every test that exercises the
+    Triton path (it takes ``device``) runs the compiled kernels; its float64 oracle or upstream
+    reference is still computed on CPU, and results are compared on CPU. Tests that do not take
+    ``device`` run CPU tensors on the torch path exactly as in normal mode (AOT compiles, DDP over
+    gloo, import state, torch-path numerics...). Tests about the interpreter itself are marked
+    :data:`interpreter_only` and skip with that reason. Nothing forces Triton on CPU in this mode:
+    that would raise RuntimeError.
+
+* :data:`COMPILED` is the one place the mode is read; test files import it (and
+  :data:`interpreter_only`, :func:`device_for`) from here.
+* fp32 parity on CUDA needs TF32 off: torch's default for matmul, and our kernels use IEEE fp32
+  unless ``torch.backends.cuda.matmul.allow_tf32`` is set. cuDNN convolutions default to TF32,
+  so fp32 reference convolutions run on CPU, never on the ``device``.
 * The ``upstream`` fixture gives the real DUSt3R model code (``mini-dust3r``, installed test-only)
-  with torch's global state restored around it; tests skip with a visible reason without it.
+  with torch's global state restored right after its import (which switches TF32 on) and again
+  afterwards; tests skip with a visible reason without it.
 """
 import os
 
@@ -18,10 +34,20 @@ import torch  # noqa: E402
 
 from upstream import UpstreamCode, load_upstream  # noqa: E402
 
+#: Marks a test about the Triton interpreter or CPU-only Triton routing: skipped in compiled mode.
+interpreter_only = pytest.mark.skipif(
+    COMPILED, reason="about the Triton interpreter on CPU; FASTPATCH_TEST_COMPILED=1 runs compiled kernels on CUDA")
+
+
+def device_for(backend: str, device: torch.device) -> torch.device:
+    """Where a test parametrised over backends puts our module: ``device`` for ``"triton"`` (the
+    kernels: interpreter on CPU, or CUDA), CPU for ``"torch"`` (the torch path, identical in both modes)."""
+    return device if backend == "triton" else torch.device("cpu")
+
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    """Where kernel tests run: CPU through the interpreter, or CUDA with FASTPATCH_TEST_COMPILED=1."""
+    """Where Triton-path tests run: CPU through the interpreter, or CUDA with FASTPATCH_TEST_COMPILED=1."""
     if COMPILED:
         if not torch.cuda.is_available():
             pytest.fail("FASTPATCH_TEST_COMPILED=1 but no CUDA device is available")

@@ -3,7 +3,8 @@
 Upstream code is CC BY-NC-SA: it is never vendored here, only imported when installed
 (``pip install --no-deps mini-dust3r==0.1.2 einops beartype huggingface_hub``, done by ``.ci/run``).
 Its import switches TF32 on globally and prints a warning about a missing CUDA RoPE extension;
-:func:`load_upstream` restores every global flag it may touch when the block exits.
+:func:`load_upstream` restores every global flag it may touch right after the import (so fp32
+kernels on CUDA inside the block run in IEEE fp32, as everywhere else) and again when the block exits.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def load_upstream() -> Iterator[UpstreamCode]:
                 )
             except ImportError as exc:
                 pytest.skip(f"upstream DUSt3R code (mini-dust3r==0.1.2) is not installed: {exc}")
+        _restore(flags)
         yield code
     finally:
         _restore(flags)
