@@ -2,7 +2,8 @@
 
 Upstream modules get perturbed weights (upstream init zeroes biases), ours load the same state_dict
 strictly, and forward outputs, input gradients and every parameter gradient are compared in fp32
-through both backends: the torch path and the Triton kernels (interpreter on CPU, small sizes).
+through both backends: the torch path (CPU) and the Triton kernels (on the ``device`` fixture:
+interpreter on CPU, small sizes, or compiled on CUDA). Upstream always runs on CPU as the reference.
 """
 import importlib
 
@@ -12,6 +13,8 @@ import torch
 import fastpatch
 from fastpatch.testing import TOLERANCES, assert_close_to_reference
 from upstream import perturb_
+
+from conftest import device_for
 
 DIM, HEADS, NX, NY = 64, 2, 37, 23
 BACKENDS = ["torch", "triton"]
@@ -57,16 +60,31 @@ def first_output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-def check_module(up, ours, inputs, backend: str, training: bool = False) -> None:
+def to_device(inputs, device: torch.device):
+    """The same inputs on ``device``; the floating ones as fresh leaves requiring grad. An input passed
+    twice (CrossAttention's key and value) stays one tensor, so its gradient sums both uses."""
+    moved = {}
+    for t in inputs:
+        if id(t) not in moved:
+            moved[id(t)] = t.detach().to(device).requires_grad_() if t.is_floating_point() else t.to(device)
+    return tuple(moved[id(t)] for t in inputs)
+
+
+def check_module(up, ours, inputs, backend: str, training: bool = False, device: torch.device = None) -> None:
+    """Upstream on CPU (the reference); ours on ``device`` (default CPU) under ``backend``."""
+    device = torch.device("cpu") if device is None else device
     up.train(training)
-    ours.train(training)
+    ours.to(device).train(training)
     tensors = [t for t in inputs if t.is_floating_point()]
     expected = first_output(up(*inputs))
     grad_out = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, tensors + list(up.parameters()), grad_out)
+    our_inputs = to_device(inputs, device)
     with fastpatch.use_backend(backend):
-        out = first_output(ours(*inputs))
-    grads = torch.autograd.grad(out, tensors + list(ours.parameters()), grad_out)
+        out = first_output(ours(*our_inputs))
+    our_tensors = [t for t in our_inputs if t.is_floating_point()]
+    grads = torch.autograd.grad(out, our_tensors + list(ours.parameters()), grad_out.to(device))
+    grads = [g.cpu() for g in grads]
     assert_close_to_reference(out, expected, torch.float32, what="output")
     names = [f"input {i}" for i in range(len(tensors))] + [name for name, _ in ours.named_parameters()]
     largest = max(e.abs().max().item() for e in expected_grads)
@@ -81,19 +99,19 @@ def check_module(up, ours, inputs, backend: str, training: bool = False) -> None
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["Attention", "CrossAttention", "Block", "DecoderBlock"])
-def test_matches_upstream_with_rope100(upstream, kind, backend):
+def test_matches_upstream_with_rope100(upstream, kind, backend, device):
     _backend_or_skip(backend)
     up, ours = build_pair(upstream, kind, rope=True)
-    check_module(up, ours, make_inputs(kind), backend)
+    check_module(up, ours, make_inputs(kind), backend, device=device_for(backend, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["Attention", "DecoderBlock"])
-def test_matches_upstream_without_rope(upstream, kind, backend):
+def test_matches_upstream_without_rope(upstream, kind, backend, device):
     """rope=None: plain attention (the CroCo cosine configuration); positions are ignored."""
     _backend_or_skip(backend)
     up, ours = build_pair(upstream, kind, rope=False)
-    check_module(up, ours, make_inputs(kind), backend)
+    check_module(up, ours, make_inputs(kind), backend, device=device_for(backend, device))
 
 
 def test_accepts_an_upstream_rope_object(upstream):
@@ -103,10 +121,10 @@ def test_accepts_an_upstream_rope_object(upstream):
         check_module(up, ours, make_inputs("Block"), "torch")
 
 
-def test_rejects_a_rope_without_base_and_f0():
-    attn = fastpatch.Attention(DIM, rope=torch.nn.Identity(), num_heads=HEADS)
+def test_rejects_a_rope_without_base_and_f0(device):
+    attn = fastpatch.Attention(DIM, rope=torch.nn.Identity(), num_heads=HEADS).to(device)
     with pytest.raises(TypeError, match="rope must be a RoPE2D"):
-        attn(torch.randn(1, 4, DIM), _positions(1, 4, width=2))
+        attn(torch.randn(1, 4, DIM, device=device), _positions(1, 4, width=2).to(device))
 
 
 def test_rope2d_module_matches_upstream(upstream):
@@ -137,9 +155,9 @@ def test_dropout_and_drop_path_act_in_training_only(upstream, kind):
     assert not torch.equal(first, second), "dropout / drop_path had no effect in training"
 
 
-def test_attention_dropout_in_training_warns_and_runs_the_torch_path(upstream):
+def test_attention_dropout_in_training_warns_and_runs_the_torch_path(upstream, device):
     _, ours = build_pair(upstream, "Attention", rope=True, attn_drop=0.5)
-    ours.train()
+    ours.to(device).train()
     with fastpatch.use_backend("triton"), pytest.warns(RuntimeWarning, match="no dropout"):
-        out = ours(*make_inputs("Attention"))
+        out = ours(*to_device(make_inputs("Attention"), device))
     assert out.shape == (2, NX, DIM)

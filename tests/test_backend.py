@@ -5,11 +5,25 @@ import torch
 from fastpatch import backend
 from fastpatch.backend import select_backend, use_backend
 
+from conftest import COMPILED, interpreter_only
 
+
+@interpreter_only
 def test_interpreter_is_active_in_the_test_suite():
     # conftest.py sets TRITON_INTERPRET=1, so CPU tensors are routed to the Triton kernels.
     assert backend.interpreter_active()
     assert select_backend(torch.zeros(1)) == "triton"
+
+
+def test_device_fixture_runs_the_triton_kernels(device):
+    """Both modes: ``device`` tensors go to Triton (interpreter on CPU, compiled on CUDA); in compiled
+    mode the interpreter is off, so CPU tensors take the torch path and forcing Triton on them raises."""
+    assert select_backend(torch.zeros(1, device=device)) == "triton"
+    assert backend.interpreter_active() is not COMPILED
+    if COMPILED:
+        assert select_backend(torch.zeros(1)) == "torch"
+        with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            select_backend(torch.zeros(1))
 
 
 def test_auto_uses_torch_on_cpu_without_interpreter(monkeypatch):
@@ -17,13 +31,14 @@ def test_auto_uses_torch_on_cpu_without_interpreter(monkeypatch):
     assert select_backend(torch.zeros(1)) == "torch"
 
 
-def test_context_manager_overrides_environment(monkeypatch):
+def test_context_manager_overrides_environment(monkeypatch, device):
     monkeypatch.setenv("FASTPATCH_BACKEND", "triton")
+    x = torch.zeros(1, device=device)
     with use_backend("torch"):
-        assert select_backend(torch.zeros(1)) == "torch"
+        assert select_backend(x) == "torch"
         with use_backend("auto"):
-            assert select_backend(torch.zeros(1)) == "triton"
-        assert select_backend(torch.zeros(1)) == "torch"
+            assert select_backend(x) == "triton"
+        assert select_backend(x) == "torch"
     assert backend.requested_backend() == "triton"
 
 

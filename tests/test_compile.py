@@ -5,12 +5,13 @@
   ``fullgraph=True`` to the eager result; the backend pinned by ``patch_model(..., backend=...)``
   (forward hooks on a per-thread override stack) is traced too, and is guarded: the same compiled
   module recompiles when the backend changes. One real inductor compile.
-* Triton path (CPU through the interpreter): every ``fastpatch::`` custom op passes
+* Triton path (on the ``device`` fixture: CPU through the interpreter, or CUDA in compiled mode):
+  every ``fastpatch::`` custom op passes
   ``torch.library.opcheck`` (schema, fake impl, registered autograd, AOT dispatch), and the patched
   backbone compiles with ``fullgraph=True`` under ``aot_eager``, forward and backward matching eager.
 * No ``.item()`` / ``nonzero`` / boolean-mask indexing anywhere in forward or backward, so
   ``mode="reduce-overhead"`` (CUDA graphs) can capture the model: a dispatch-mode spy fails on any
-  op that reads device memory on the host.
+  op that reads device memory on the host (the Triton path on ``device``, the torch path on CPU).
 
 Models are tiny (32x48 images, patch 16 -> 6 tokens, width 64, 2 heads of 32) and compiled
 graphs few: compiling is the slow part.
@@ -27,6 +28,8 @@ from fastpatch import reference
 from fastpatch.ops.rope_attention_triton import rope_attention_fwd  # noqa: F401  (registers the fastpatch:: ops)
 from fastpatch.ops import patch_embed_triton  # noqa: F401
 from fastpatch.testing import TOLERANCES, relative_error
+
+from conftest import device_for
 
 aten = torch.ops.aten
 
@@ -47,10 +50,11 @@ def _backbone(patch_embed_cls: str = "PatchEmbedDust3R") -> reference.Dust3RBack
     return reference.Dust3RBackbone(**SMALL, patch_embed_cls=patch_embed_cls).eval()
 
 
-def _images(batch: int = 2):
+def _images(batch: int = 2, device="cpu"):
     """Two (B, 3, 32, 48) images and (B, 2) true shapes, the second sample portrait (stored transposed)."""
     true_shape = torch.tensor([[32, 48], [48, 32]] * (batch // 2))
-    return torch.randn(batch, 3, 32, 48), torch.randn(batch, 3, 32, 48), true_shape, true_shape.clone()
+    inputs = torch.randn(batch, 3, 32, 48), torch.randn(batch, 3, 32, 48), true_shape, true_shape.clone()
+    return tuple(t.to(device) for t in inputs)
 
 
 def _flat(outputs):
@@ -143,12 +147,12 @@ def test_inductor_compile_of_patched_block_matches_eager_forward_and_backward():
     _assert_close(actual, expected, "block output and grads")
 
 
-def test_compiled_backend_choice_is_guarded_and_recompiles(monkeypatch):
+def test_compiled_backend_choice_is_guarded_and_recompiles(monkeypatch, device):
     """Compiled under ``use_backend("torch")``, the same compiled module called under ``"triton"``
     recompiles and runs the Triton custom op (no stale choice baked into the graph)."""
-    attn = fastpatch.Attention(DIM, rope=fastpatch.RoPE2D(100.0), num_heads=HEADS).eval()
-    x = torch.randn(1, 6, DIM)
-    xpos = torch.cartesian_prod(torch.arange(2), torch.arange(3)).expand(1, 6, 2)
+    attn = fastpatch.Attention(DIM, rope=fastpatch.RoPE2D(100.0), num_heads=HEADS).eval().to(device)
+    x = torch.randn(1, 6, DIM).to(device)
+    xpos = torch.cartesian_prod(torch.arange(2), torch.arange(3)).expand(1, 6, 2).to(device)
     seen = []
 
     def spy(gm, example_inputs):
@@ -170,20 +174,22 @@ def test_compiled_backend_choice_is_guarded_and_recompiles(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Triton path: the custom ops trace with fake tensors and registered autograd
 # ----------------------------------------------------------------------------------------------
-def _attention_inputs(n_q: int = 16, n_k: int = 16, head_dim: int = 32):
-    q, k, v = (torch.randn(1, 1, n, head_dim) for n in (n_q, n_k, n_k))
-    q_pos = torch.randint(0, 4, (1, n_q, 2))
-    k_pos = torch.randint(0, 4, (1, n_k, 2))
+def _attention_inputs(n_q: int = 16, n_k: int = 16, head_dim: int = 32, device="cpu"):
+    q, k, v = (torch.randn(1, 1, n, head_dim).to(device) for n in (n_q, n_k, n_k))
+    q_pos = torch.randint(0, 4, (1, n_q, 2)).to(device)
+    k_pos = torch.randint(0, 4, (1, n_k, 2)).to(device)
     return q, k, v, q_pos, k_pos
 
 
-def _opcheck_samples():
-    """op name -> (args, test_utils) for every ``fastpatch::`` op; small so the interpreter is quick."""
-    q, k, v, q_pos, k_pos = _attention_inputs(n_k=12)
+def _opcheck_samples(device):
+    """op name -> (args, test_utils) for every ``fastpatch::`` op, on ``device``; small so the interpreter is quick."""
+    q, k, v, q_pos, k_pos = _attention_inputs(n_k=12, device=device)
     scale = 32 ** -0.5
     out, lse = torch.ops.fastpatch.rope_attention_fwd(q, k, v, q_pos, k_pos, 100.0, 1.0, scale)
-    img, weight, bias = torch.randn(2, 3, 16, 24), torch.randn(16, 3, 8, 8) * 0.1, torch.randn(16)
-    grad_tokens = torch.randn(2, 6, 16)
+    img, weight, bias = (t.to(device) for t in (torch.randn(2, 3, 16, 24), torch.randn(16, 3, 8, 8) * 0.1,
+                                                torch.randn(16)))
+    grad_tokens = torch.randn(2, 6, 16).to(device)
+    flags = lambda *values: torch.tensor(values).to(device)  # noqa: E731  (ManyAR portrait flags)
     no_autograd = ("test_schema", "test_faketensor")
     grad = lambda *ts: tuple(t.clone().requires_grad_() for t in ts)  # noqa: E731
     return {
@@ -191,9 +197,9 @@ def _opcheck_samples():
         "rope_attention_fwd_norope": (grad(q, k, v) + (None, None, None, 1.0, scale), None),
         "rope_attention_bwd": ((torch.randn_like(out), q, k, v, out, lse, q_pos, k_pos, 100.0, 1.0, scale),
                                no_autograd),
-        "patch_embed_fwd": (grad(img, weight, bias) + (8, torch.tensor([True, False])), None),
+        "patch_embed_fwd": (grad(img, weight, bias) + (8, flags(True, False)), None),
         "patch_embed_grad_params": ((grad_tokens, img, weight, 8, None), no_autograd),
-        "patch_embed_grad_image": ((grad_tokens, img, weight, 8, torch.tensor([False, True])), no_autograd),
+        "patch_embed_grad_image": ((grad_tokens, img, weight, 8, flags(False, True)), no_autograd),
     }
 
 
@@ -209,23 +215,23 @@ def test_every_fastpatch_custom_op_has_an_opcheck_case():
 
 
 @pytest.mark.parametrize("case", OPCHECK_CASES)
-def test_custom_op_passes_opcheck(case):
-    args, test_utils = _opcheck_samples()[case]
+def test_custom_op_passes_opcheck(case, device):
+    args, test_utils = _opcheck_samples(device)[case]
     op = getattr(torch.ops.fastpatch, case.removesuffix("_norope")).default
     kwargs = {} if test_utils is None else {"test_utils": test_utils}
     torch.library.opcheck(op, args, **kwargs)
 
 
-def test_triton_path_backbone_compiles_fullgraph_forward_and_backward():
-    """The patched backbone on the Triton path (interpreter), under ``aot_eager``: the fake impls
+def test_triton_path_backbone_compiles_fullgraph_forward_and_backward(device):
+    """The patched backbone on the Triton path (on ``device``), under ``aot_eager``: the fake impls
     shape the graph, the registered backward is traced, and the results are eager's."""
-    model = fastpatch.patch_model(_backbone("ManyAR_PatchEmbed"), backend="triton")
-    inputs = _images()
+    model = fastpatch.patch_model(_backbone("ManyAR_PatchEmbed"), backend="triton").to(device)
+    inputs = _images(device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(fn):
         outputs = _flat(fn(*inputs))
-        loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outputs)
+        loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1], device=device)).sum() for o in outputs)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return outputs + [g for g in grads if g is not None]
 
@@ -265,10 +271,11 @@ class HostSyncSpy(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_forward_and_backward_have_no_host_syncs(backend):
-    model = fastpatch.patch_model(_backbone("ManyAR_PatchEmbed"), backend=backend)
+def test_forward_and_backward_have_no_host_syncs(backend, device):
+    on = device_for(backend, device)
+    model = fastpatch.patch_model(_backbone("ManyAR_PatchEmbed"), backend=backend).to(on)
     model.train()  # dropout/drop-path modules are active code paths too (all probabilities 0 here)
-    img1, img2, shape1, shape2 = _images()
+    img1, img2, shape1, shape2 = _images(device=on)
     img1.requires_grad_()
     with HostSyncSpy() as spy:
         outputs = _flat(model(img1, img2, shape1, shape2))

@@ -1,4 +1,5 @@
-"""A patched model among torch's other features (CPU, torch path unless said otherwise).
+"""A patched model among torch's other features (CPU, torch path unless said otherwise; Triton-path
+cases run on the ``device`` fixture).
 
 autocast dtypes as upstream's, inference_mode / no_grad, channels-last images, ``.half()`` /
 ``.bfloat16()`` / ``.to()`` after patching, deepcopy / pickle / ``torch.save``, DDP (2 gloo
@@ -22,6 +23,8 @@ import fastpatch
 from fastpatch import backend, reference
 from fastpatch.ops.rope_torch import rope_frequencies
 from fastpatch.testing import TOLERANCES, relative_error
+
+from conftest import device_for
 
 SMALL = dict(img_size=(32, 48), patch_size=16, enc_embed_dim=64, enc_depth=1, enc_num_heads=2, dec_embed_dim=64,
              dec_depth=1, dec_num_heads=2)
@@ -92,10 +95,11 @@ def test_grad_free_modes_then_training(mode):
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_channels_last_images(backend_name):
-    embed = fastpatch.ManyAR_PatchEmbed((32, 48), 16, 3, 64)
-    img = torch.randn(2, 3, 32, 48)
-    true_shape = torch.tensor([[32, 48], [48, 32]])
+def test_channels_last_images(backend_name, device):
+    on = device_for(backend_name, device)
+    embed = fastpatch.ManyAR_PatchEmbed((32, 48), 16, 3, 64).to(on)
+    img = torch.randn(2, 3, 32, 48).to(on)
+    true_shape = torch.tensor([[32, 48], [48, 32]]).to(on)
     with fastpatch.use_backend(backend_name), torch.no_grad():
         expected = embed(img, true_shape)
         actual = embed(img.to(memory_format=torch.channels_last), true_shape)
@@ -239,7 +243,7 @@ def test_concurrent_forwards_from_threads():
             with torch.no_grad(), fastpatch.use_backend(name):
                 barrier.wait()
                 seen = backend.requested_backend()
-                # "auto" on CPU runs the Triton interpreter in this suite; keep those forwards to one.
+                # "auto" on CPU runs the Triton interpreter in the normal mode; keep those forwards to one.
                 out = models[dtype](img1.to(dtype), img2.to(dtype)) if name == "torch" else None
                 results[index] = (seen, out)
         except Exception as exc:  # reported by the main thread

@@ -1,6 +1,6 @@
-"""Patch embedding: fastpatch (Triton through the interpreter, and the torch path) against the
-float64 eager reference (:mod:`fastpatch.reference`), forward and backward; layouts; modules;
-bad inputs."""
+"""Patch embedding: fastpatch (Triton on the ``device`` fixture: through the interpreter on CPU, or
+compiled on CUDA; and the torch path on CPU) against the float64 eager reference
+(:mod:`fastpatch.reference`, on CPU), forward and backward; layouts; modules; bad inputs."""
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -11,6 +11,8 @@ import fastpatch
 from fastpatch import reference
 from fastpatch.ops.patch_embed import patch_embed
 from fastpatch.testing import assert_close_to_reference, relative_error
+
+from conftest import device_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "torch"]
@@ -30,9 +32,11 @@ class Case:
     layout: str = "nchw"  # "nchw", "channels_last" or "sliced" (a non-contiguous view)
 
     def inputs(self, dtype: torch.dtype, device: torch.device):
-        """(img, weight, bias, true_shape) in ``dtype`` on ``device``; true_shape is None without ManyAR."""
+        """(img, weight, bias, true_shape) in ``dtype`` on ``device``; true_shape is None without ManyAR.
+
+        The image moves to ``device`` before it is sliced or made channels-last, so the layout is kept."""
         height, width = self.grid_h * self.patch, self.grid_w * self.patch
-        img = torch.randn(self.batch, 3, height, width + (5 if self.layout == "sliced" else 0))
+        img = torch.randn(self.batch, 3, height, width + (5 if self.layout == "sliced" else 0)).to(device, dtype)
         if self.layout == "sliced":
             img = img[..., 2:2 + width]
         elif self.layout == "channels_last":
@@ -43,7 +47,7 @@ class Case:
         if self.portrait is not None:
             true_shape = torch.tensor([(width, height) if p else (height, width) for p in self.portrait])
             true_shape = true_shape.to(device)
-        return img.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype), true_shape
+        return img, weight.to(device, dtype), bias.to(device, dtype), true_shape
 
 
 SMALL_CASES = [
@@ -97,12 +101,12 @@ def check_against_oracle(case: Case, backend: str, dtype: torch.dtype, device: t
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_float64_reference(case, dtype, backend, device):
-    check_against_oracle(case, backend, dtype, device)
+    check_against_oracle(case, backend, dtype, device_for(backend, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_grid_mixed_manyar(backend, device):
-    check_against_oracle(ODD_GRID, backend, torch.float32, device)
+    check_against_oracle(ODD_GRID, backend, torch.float32, device_for(backend, device))
 
 
 def test_positions_portrait_grid(device):
@@ -159,15 +163,16 @@ def test_modules_share_reference_keys_and_attributes(name):
 
 
 def test_module_forward_matches_reference(device):
-    ours = fastpatch.ManyAR_PatchEmbed((16, 32), 8, 3, 16).to(device)
-    ref = reference.ManyAR_PatchEmbed((16, 32), 8, 3, 16).to(device)
+    ours = fastpatch.ManyAR_PatchEmbed((16, 32), 8, 3, 16)
+    ref = reference.ManyAR_PatchEmbed((16, 32), 8, 3, 16)  # stays on CPU: a CUDA conv would use TF32
     ref.load_state_dict(ours.state_dict())
+    ours.to(device)
     assert ours.embed_dim == 16
-    img = torch.randn(2, 3, 16, 32, device=device)
-    true_shape = torch.tensor([[32, 16], [16, 32]], device=device)
-    tokens, pos = ours(img, true_shape)
+    img = torch.randn(2, 3, 16, 32)
+    true_shape = torch.tensor([[32, 16], [16, 32]])
+    tokens, pos = ours(img.to(device), true_shape.to(device))
     ref_tokens, ref_pos = ref(img, true_shape)
-    assert torch.equal(pos, ref_pos)
+    assert torch.equal(pos.cpu(), ref_pos)
     assert_close_to_reference(tokens, ref_tokens.double())
 
 
@@ -225,11 +230,11 @@ def test_bad_inputs_raise_before_work(name, make, error, match):
         patch_embed(img, weight, bias, patch, **kwargs)
 
 
-def test_float64_runs_the_torch_path_with_a_warning_under_triton():
+def test_float64_runs_the_torch_path_with_a_warning_under_triton(device):
     img, weight, bias = (t.double() for t in _good())
     expected = torch.nn.functional.conv2d(img, weight, bias, stride=8).flatten(2).transpose(1, 2)
     expected_pos = reference.PositionGetter()(2, 2, 4, "cpu")
     with pytest.warns(RuntimeWarning, match="float64; this patch embedding runs on the torch path"):
-        tokens, pos = patch_embed(img, weight, bias, 8)
-    assert tokens.dtype == torch.float64 and torch.equal(pos, expected_pos)
+        tokens, pos = patch_embed(img.to(device), weight.to(device), bias.to(device), 8)
+    assert tokens.dtype == torch.float64 and torch.equal(pos.cpu(), expected_pos)
     assert relative_error(tokens, expected) < 1e-12

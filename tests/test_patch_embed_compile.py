@@ -5,7 +5,8 @@
   subprocesses without the interpreter (this file run as a script, see
   :func:`fastpatch.testing.compile_results_in_subprocesses`).
 * The ``fastpatch::`` custom ops pass ``torch.library.opcheck`` and trace under ``torch.compile``
-  with ``fullgraph=True`` (no graph breaks).
+  with ``fullgraph=True`` (no graph breaks), on the ``device`` fixture (interpreter on CPU, or
+  compiled kernels on CUDA).
 """
 import functools
 import sys
@@ -95,26 +96,26 @@ def test_compiles_for_gpu(compiled_cases, case, capability, dtype):
     assert result["shared"] <= SHARED_MEMORY_LIMIT[capability]
 
 
-def _inputs():
+def _inputs(device):
     img = torch.randn(2, 3, 16, 24)
     weight = torch.randn(16, 3, 8, 8) * 0.1
     bias = torch.randn(16)
-    return [t.requires_grad_() for t in (img, weight, bias)]
+    return [t.to(device).requires_grad_() for t in (img, weight, bias)]
 
 
-def test_custom_ops_pass_opcheck():
-    img, weight, bias = _inputs()
-    portrait = torch.tensor([True, False])
+def test_custom_ops_pass_opcheck(device):
+    img, weight, bias = _inputs(device)
+    portrait = torch.tensor([True, False]).to(device)
     torch.library.opcheck(torch.ops.fastpatch.patch_embed_fwd.default, (img, weight, bias, 8, portrait))
-    grad_tokens = torch.randn(2, 6, 16)
+    grad_tokens = torch.randn(2, 6, 16).to(device)
     for op in (torch.ops.fastpatch.patch_embed_grad_params, torch.ops.fastpatch.patch_embed_grad_image):
         torch.library.opcheck(op.default, (grad_tokens, img.detach(), weight.detach(), 8, None),
                               test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_forward_backward():
-    img, weight, bias = _inputs()
-    true_shape = torch.tensor([[24, 16], [16, 24]])
+def test_torch_compile_fullgraph_forward_backward(device):
+    img, weight, bias = _inputs(device)
+    true_shape = torch.tensor([[24, 16], [16, 24]]).to(device)
 
     def step(img, weight, bias, true_shape):
         tokens, pos = fastpatch.patch_embed(img, weight, bias, 8, true_shape, many_ar=True)

@@ -1,11 +1,15 @@
 """Patch embedding parity with the real upstream DUSt3R modules (mini-dust3r), weights perturbed:
-forward tokens/positions and the gradients of image, weight and bias, float32, both backends."""
+forward tokens/positions and the gradients of image, weight and bias, float32, both backends.
+Upstream runs on CPU (a CUDA conv would use TF32); ours on the ``device`` fixture for the Triton
+path (interpreter on CPU, or CUDA in compiled mode), on CPU for the torch path."""
 import pytest
 import torch
 
 import fastpatch
 from fastpatch.testing import assert_close_to_reference
 from upstream import perturb_
+
+from conftest import device_for
 
 BACKENDS = ["triton", "torch"]
 
@@ -18,11 +22,15 @@ CASES = {
 }
 
 
-def _run(module, img, true_shape, grad_tokens):
-    x = img.clone().requires_grad_()
+def _run(module, img, true_shape, grad_tokens, device):
+    """Tokens, positions and grads (image, weight, bias) of ``module`` run on ``device``, returned on CPU."""
+    module.to(device)
+    x = img.detach().clone().to(device).requires_grad_()
+    true_shape = None if true_shape is None else true_shape.to(device)
     tokens, pos = module(x, true_shape=true_shape)
-    tokens.backward(grad_tokens)
-    return tokens.detach(), pos, (x.grad, module.proj.weight.grad, module.proj.bias.grad)
+    tokens.backward(grad_tokens.to(device))
+    grads = (x.grad, module.proj.weight.grad, module.proj.bias.grad)
+    return tokens.detach().cpu(), pos.cpu(), tuple(g.cpu() for g in grads)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -30,18 +38,18 @@ def _run(module, img, true_shape, grad_tokens):
 def test_matches_upstream_float32(upstream, name, backend, device):
     cls_name, shape, rows = CASES[name]
     embed_dim = 40
-    theirs = perturb_(upstream.patch_embed.get_patch_embed(cls_name, shape[-2:], 16, embed_dim)).to(device)
-    ours = fastpatch.get_patch_embed(cls_name, shape[-2:], 16, embed_dim).to(device)
+    theirs = perturb_(upstream.patch_embed.get_patch_embed(cls_name, shape[-2:], 16, embed_dim))
+    ours = fastpatch.get_patch_embed(cls_name, shape[-2:], 16, embed_dim)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
 
-    img = torch.randn(shape, device=device)
-    true_shape = None if rows is None else torch.tensor(rows, device=device)
-    grad_tokens = torch.randn(shape[0], (shape[2] // 16) * (shape[3] // 16), embed_dim, device=device)
+    img = torch.randn(shape)
+    true_shape = None if rows is None else torch.tensor(rows)
+    grad_tokens = torch.randn(shape[0], (shape[2] // 16) * (shape[3] // 16), embed_dim)
 
     with fastpatch.use_backend(backend):
-        tokens, pos, grads = _run(ours, img, true_shape, grad_tokens)
-    ref_tokens, ref_pos, ref_grads = _run(theirs, img, true_shape, grad_tokens)
+        tokens, pos, grads = _run(ours, img, true_shape, grad_tokens, device_for(backend, device))
+    ref_tokens, ref_pos, ref_grads = _run(theirs, img, true_shape, grad_tokens, torch.device("cpu"))
 
     assert torch.equal(pos, ref_pos)
     assert_close_to_reference(tokens, ref_tokens, torch.float32, what="tokens vs upstream")

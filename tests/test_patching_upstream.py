@@ -1,7 +1,9 @@
 """patch_model / patch_dust3r on the real upstream DUSt3R model (mini-dust3r, test-only).
 
 Upstream weights get noise on every parameter. Every comparison is patched vs unpatched on the
-same model object (parameters are shared), fp32, relative error <= 1e-5.
+same model object (parameters are shared), fp32, relative error <= 1e-5. The unpatched outputs
+are computed on CPU; a model patched for the Triton path then moves to the ``device`` fixture
+(interpreter on CPU, or CUDA in compiled mode).
 """
 import io
 
@@ -52,10 +54,19 @@ def _assert_same(patched_out, eager_out):
         assert err <= FP32_PARITY, f"output {i}: relative error {err:.2e}"
 
 
-def _patch_and_compare(model, views, backend):
+def _views_to(views, device):
+    """Views with their tensors (img, true_shape) on ``device``."""
+    return tuple({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in view.items()} for view in views)
+
+
+def _patch_and_compare(model, views, backend, device=None):
+    """Unpatched outputs on CPU, then patch (and move model and views to ``device``, if given) and compare."""
     eager = _all_outputs(model, *views)
     patched = fastpatch.patch_model(model, backend=backend)
     assert patched is model
+    if device is not None:
+        model.to(device)
+        views = _views_to(views, device)
     with use_backend(backend):
         _assert_same(_all_outputs(model, *views), eager)
     return model
@@ -78,10 +89,10 @@ def test_dpt_head_model_matches(upstream):
     _patch_and_compare(model, _views(1, 64, 96), "torch")
 
 
-def test_patched_model_matches_unpatched_triton_interpreter(upstream):
+def test_patched_model_matches_unpatched_triton_path(upstream, device):
     cfg = dict(SMALL, img_size=(32, 48), enc_depth=1, dec_depth=2)
     model = _model(upstream, **cfg)
-    _patch_and_compare(model, _views(1, 32, 48), "triton")
+    _patch_and_compare(model, _views(1, 32, 48), "triton", device=device)
 
 
 def test_full_depth_224_matches(upstream):

@@ -1,8 +1,9 @@
 """fastpatch.rope_attention: input validation, backend dispatch, and numerics of both paths against a
 float64 oracle (RoPE2D from fastpatch.reference + explicit softmax attention).
 
-The torch path runs at full size (it is fast on CPU); the Triton path runs through the interpreter
-at small sizes and skips, with the reason, while fastpatch.ops.rope_attention_triton is absent.
+The torch path runs on CPU at full size (it is fast on CPU); the Triton path, and every dispatch test
+that asks for it, runs on the ``device`` fixture (through the interpreter on CPU at small sizes, or
+compiled on CUDA) and skips, with the reason, while fastpatch.ops.rope_attention_triton is absent.
 """
 import importlib
 import sys
@@ -32,8 +33,9 @@ def grid_positions(batch: int, tokens: int, width: int = 32) -> torch.Tensor:
 
 
 def oracle(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale=None):
-    """float64 softmax(rope(q) rope(k)^T * scale) v from the given (already rounded) inputs."""
-    q, k, v = (t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v))
+    """float64 softmax(rope(q) rope(k)^T * scale) v from the given (already rounded) inputs, on CPU."""
+    q, k, v = (t.detach().cpu().double().requires_grad_(t.requires_grad) for t in (q, k, v))
+    q_pos, k_pos = (None if p is None else p.cpu() for p in (q_pos, k_pos))
     if rope_base is not None:
         qr = reference.apply_rope2d(q, q_pos, rope_base, rope_f0)
         kr = reference.apply_rope2d(k, q_pos if k_pos is None else k_pos, rope_base, rope_f0)
@@ -44,30 +46,32 @@ def oracle(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale=None):
     return out, (q, k, v)
 
 
-def make_inputs(batch, heads, n_q, n_k, head_dim, dtype, layout="qkv"):
+def make_inputs(batch, heads, n_q, n_k, head_dim, dtype, layout="qkv", device="cpu"):
     """q (B, H, Nq, Dh) and k, v (B, H, Nk, Dh) as strided views, the way the modules produce them.
 
     ``layout="qkv"``: views of (B, N, 3, H, Dh) / (B, N, 2, H, Dh) projection buffers (self: one buffer).
     ``layout="contiguous"``: plain contiguous tensors.
+    Values are drawn on CPU; the buffers move to ``device`` before the views are taken (strides kept).
     """
+    randn = lambda *shape: torch.randn(*shape, dtype=dtype).to(device)  # noqa: E731
     if layout == "contiguous":
-        q = torch.randn(batch, heads, n_q, head_dim, dtype=dtype)
-        k = torch.randn(batch, heads, n_k, head_dim, dtype=dtype)
-        v = torch.randn(batch, heads, n_k, head_dim, dtype=dtype)
+        q = randn(batch, heads, n_q, head_dim)
+        k = randn(batch, heads, n_k, head_dim)
+        v = randn(batch, heads, n_k, head_dim)
         tensors = (q, k, v)
     elif n_q == n_k:
-        qkv = torch.randn(batch, n_q, 3, heads, head_dim, dtype=dtype)
+        qkv = randn(batch, n_q, 3, heads, head_dim)
         tensors = tuple(t.transpose(1, 2) for t in qkv.unbind(2))
     else:
-        q = torch.randn(batch, n_q, heads, head_dim, dtype=dtype).transpose(1, 2)
-        kv = torch.randn(batch, n_k, 2, heads, head_dim, dtype=dtype)
+        q = randn(batch, n_q, heads, head_dim).transpose(1, 2)
+        kv = randn(batch, n_k, 2, heads, head_dim)
         tensors = (q,) + tuple(t.transpose(1, 2) for t in kv.unbind(2))
     return tensors
 
 
-def as_leaves(tensors, device="cpu"):
+def as_leaves(tensors):
     """Strided views turned into leaves requiring grad (``detach`` keeps the strides)."""
-    return tuple(t.to(device).detach().requires_grad_() for t in tensors)
+    return tuple(t.detach().requires_grad_() for t in tensors)
 
 
 def check_against_oracle(q, k, v, q_pos, k_pos, rope_base, rope_f0, backward: bool):
@@ -78,7 +82,7 @@ def check_against_oracle(q, k, v, q_pos, k_pos, rope_base, rope_f0, backward: bo
     assert_close_to_reference(out, expected, q.dtype, what="output")
     if backward:
         grad_out = torch.randn_like(expected)
-        grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype))
+        grads = torch.autograd.grad(out, (q, k, v), grad_out.to(out.device, out.dtype))
         expected_grads = torch.autograd.grad(expected, leaves64, grad_out)
         for name, g, e in zip("qkv", grads, expected_grads):
             assert g.shape == e.shape
@@ -162,9 +166,9 @@ def fake_triton_op(monkeypatch):
     return calls
 
 
-def test_auto_dispatches_to_triton_under_the_interpreter(fake_triton_op):
-    q, k, v = make_inputs(2, 2, 5, 5, 32, torch.float32)
-    pos = grid_positions(2, 5)
+def test_auto_dispatches_to_triton_on_the_kernel_device(fake_triton_op, device):
+    q, k, v = make_inputs(2, 2, 5, 5, 32, torch.float32, device=device)
+    pos = grid_positions(2, 5).to(device)
     with fastpatch.use_backend("auto"):
         out = rope_attention(q, k, v, pos, rope_base=10000.0, rope_f0=2.0)
     (call,) = fake_triton_op
@@ -180,27 +184,27 @@ def test_forced_torch_backend_skips_triton(fake_triton_op):
     assert fake_triton_op == []
 
 
-def test_dropout_falls_back_to_torch_with_a_warning(fake_triton_op):
-    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32)
+def test_dropout_falls_back_to_torch_with_a_warning(fake_triton_op, device):
+    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32, device=device)
     with fastpatch.use_backend("triton"), pytest.warns(RuntimeWarning, match="no dropout"):
-        out = rope_attention(q, k, v, grid_positions(1, 5), dropout_p=0.5)
+        out = rope_attention(q, k, v, grid_positions(1, 5).to(device), dropout_p=0.5)
     assert fake_triton_op == [] and out.shape == (1, 2, 5, 32)
 
 
 @pytest.mark.parametrize("head_dim, dtype", [(16, torch.float32), (64, torch.float64)])
-def test_calls_the_kernels_cannot_run_fall_back_to_torch_with_a_warning(fake_triton_op, head_dim, dtype):
-    q, k, v = make_inputs(1, 2, 5, 5, head_dim, dtype)
-    pos = grid_positions(1, 5)
+def test_calls_the_kernels_cannot_run_fall_back_to_torch_with_a_warning(fake_triton_op, head_dim, dtype, device):
+    q, k, v = make_inputs(1, 2, 5, 5, head_dim, dtype, device=device)
+    pos = grid_positions(1, 5).to(device)
     with fastpatch.use_backend("triton"), pytest.warns(RuntimeWarning, match="torch path"):
         out = rope_attention(q, k, v, pos)
     assert fake_triton_op == []
     assert_close_to_reference(out, oracle(q, k, v, pos, None, 100.0, 1.0)[0], torch.float32)
 
 
-def test_int32_positions_reach_the_kernels_as_int64(fake_triton_op):
-    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32)
+def test_int32_positions_reach_the_kernels_as_int64(fake_triton_op, device):
+    q, k, v = make_inputs(1, 2, 5, 5, 32, torch.float32, device=device)
     with fastpatch.use_backend("triton"):
-        rope_attention(q, k, v, grid_positions(1, 5).int())
+        rope_attention(q, k, v, grid_positions(1, 5).int().to(device))
     assert fake_triton_op[0]["q_pos"].dtype == torch.int64 and fake_triton_op[0]["k_pos"].dtype == torch.int64
 
 
@@ -287,7 +291,7 @@ TRITON_CASES = {  # id -> (Nq, Nk, head_dim, rope)
 def test_triton_path_forward_matches_float64(dtype, case, device):
     _triton_op_or_skip()
     n_q, n_k, head_dim, rope = TRITON_CASES[case]
-    q, k, v = (t.to(device) for t in make_inputs(1, 2, n_q, n_k, head_dim, dtype))
+    q, k, v = make_inputs(1, 2, n_q, n_k, head_dim, dtype, device=device)
     q_pos = grid_positions(1, n_q, width=8).to(device)
     k_pos = None if n_q == n_k else grid_positions(1, n_k, width=5).to(device)
     with fastpatch.use_backend("triton"):
@@ -299,7 +303,7 @@ def test_triton_path_forward_matches_float64(dtype, case, device):
 def test_triton_path_gradients_match_float64(dtype, case, device):
     _triton_op_or_skip()
     n_q, n_k, head_dim, rope = TRITON_CASES[case]
-    q, k, v = as_leaves(make_inputs(1, 2, n_q, n_k, head_dim, dtype), device)
+    q, k, v = as_leaves(make_inputs(1, 2, n_q, n_k, head_dim, dtype, device=device))
     q_pos = grid_positions(1, n_q, width=8).to(device)
     k_pos = None if n_q == n_k else grid_positions(1, n_k, width=5).to(device)
     with fastpatch.use_backend("triton"):

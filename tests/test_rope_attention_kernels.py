@@ -1,7 +1,8 @@
 """Triton RoPE flash attention (forward + backward) against a float64 reference written from the spec.
 
-Runs through the Triton interpreter on CPU (see conftest.py); sizes are kept small (N <= 197,
-1-2 heads) because the interpreter runs one program at a time.
+Runs on the ``device`` fixture: through the Triton interpreter on CPU, or compiled on CUDA with
+FASTPATCH_TEST_COMPILED=1 (see conftest.py); the float64 reference is computed on CPU. Sizes are
+kept small (N <= 197, 1-2 heads) because the interpreter runs one program at a time.
 """
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fastpatch.testing import assert_close_to_reference
 def rope2d_float64(x: torch.Tensor, pos: torch.Tensor, base: float, f0: float) -> torch.Tensor:
     """Spec section 3 in float64: x (B, H, N, Dh), pos (B, N, 2) (y, x) -> rotated x."""
     quarter = x.shape[-1] // 4
-    freq = f0 * base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    freq = f0 * base ** (-torch.arange(quarter, dtype=torch.float64, device=x.device) / quarter)
     halves = []
     for half, coord in zip(x.split(2 * quarter, dim=-1), (pos[..., 0], pos[..., 1])):
         angle = coord.to(torch.float64)[:, None, :, None] * freq  # (B, 1, N, Q)
@@ -24,9 +25,10 @@ def rope2d_float64(x: torch.Tensor, pos: torch.Tensor, base: float, f0: float) -
 
 
 def attention_float64(q, k, v, q_pos, k_pos, base, f0, scale):
-    """softmax(scale RoPE(q) RoPE(k)^T) v in float64 -> (B, Nq, H, Dh)."""
+    """softmax(scale RoPE(q) RoPE(k)^T) v in float64 -> (B, Nq, H, Dh), on q's device."""
     q, k, v = q.double(), k.double(), v.double()
     if base is not None:
+        q_pos, k_pos = q_pos.to(q.device), k_pos.to(q.device)
         q, k = rope2d_float64(q, q_pos, base, f0), rope2d_float64(k, k_pos, base, f0)
     probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
     return (probs @ v).transpose(1, 2)
@@ -56,14 +58,14 @@ def check(q, k, v, q_pos, k_pos, base, f0, k_rotation, backward=True):
     out = rope_attention_triton(q, k, v, q_pos, k_pos, base, f0, scale, k_rotation=k_rotation)
     assert out.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[3]) and out.is_contiguous()
     assert out.dtype == dtype
-    q64, k64, v64 = (x.detach().double().requires_grad_(backward) for x in (q, k, v))
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_(backward) for x in (q, k, v))  # reference on CPU
     expected = attention_float64(q64, k64, v64, q_pos, k_pos, base, f0, scale)
     assert_close_to_reference(out, expected, dtype, what="out")
     if not backward:
         return
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.cpu().double())
     for name, grad, expected_grad in zip("qkv", grads, expected_grads):
         assert grad.dtype == dtype and grad.shape == expected_grad.shape
         assert_close_to_reference(grad, expected_grad, dtype, kind="backward", what=f"d{name}")
@@ -128,7 +130,8 @@ def test_log_sum_exp(device):
     q, k, v = torch.randn(3, 1, 2, 37, 32, device=device)
     pos = random_positions(1, 37).to(device)
     _, lse = rope_attention_forward(q, k, v, pos, pos, 100.0, 1.0, 0.25)
-    q64, k64 = rope2d_float64(q.double(), pos, 100.0, 1.0), rope2d_float64(k.double(), pos, 100.0, 1.0)
+    q64, k64, pos64 = q.cpu().double(), k.cpu().double(), pos.cpu()  # reference on CPU
+    q64, k64 = rope2d_float64(q64, pos64, 100.0, 1.0), rope2d_float64(k64, pos64, 100.0, 1.0)
     expected = torch.logsumexp(q64 @ k64.transpose(-1, -2) * 0.25, dim=-1)
     assert lse.dtype == torch.float32 and lse.shape == (1, 2, 37)
     assert_close_to_reference(lse, expected, torch.float32, what="lse")
