@@ -2,7 +2,8 @@
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every synchronising CUDA call into an error, so this
 checks the real kernels and launchers (on CPU the dispatch-mode spy of ``test_compile.py`` covers the
-torch path and the Triton path by construction). Runs only where a GPU is present.
+torch path and the Triton path by construction). Runs only in compiled mode (FASTPATCH_TEST_COMPILED=1,
+see conftest.py): in the normal mode the interpreter would run CUDA tensors through host copies.
 """
 import pytest
 import torch
@@ -10,17 +11,19 @@ import torch
 import fastpatch
 from fastpatch import reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from conftest import COMPILED
+
+pytestmark = pytest.mark.skipif(not COMPILED, reason="needs compiled kernels on CUDA (FASTPATCH_TEST_COMPILED=1)")
 
 SMALL = dict(img_size=(64, 96), patch_size=16, enc_embed_dim=128, enc_depth=2, enc_num_heads=2, dec_embed_dim=128,
              dec_depth=2, dec_num_heads=2)
 
 
 @pytest.mark.parametrize("patch_embed_cls", ["PatchEmbedDust3R", "ManyAR_PatchEmbed"])
-def test_patched_forward_and_backward_do_not_sync(patch_embed_cls):
-    model = fastpatch.patch_model(reference.Dust3RBackbone(patch_embed_cls=patch_embed_cls, **SMALL).cuda())
-    img1, img2 = torch.randn(2, 2, 3, 64, 96, device="cuda").unbind(0)
-    shape = torch.tensor([[64, 96], [64, 96]], device="cuda")
+def test_patched_forward_and_backward_do_not_sync(patch_embed_cls, device):
+    model = fastpatch.patch_model(reference.Dust3RBackbone(patch_embed_cls=patch_embed_cls, **SMALL).to(device))
+    img1, img2 = torch.randn(2, 2, 3, 64, 96, device=device).unbind(0)
+    shape = torch.tensor([[64, 96], [64, 96]], device=device)
 
     def step():
         out1, out2 = model(img1, img2, shape, shape)
