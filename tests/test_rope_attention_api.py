@@ -5,7 +5,6 @@ The torch path runs on CPU at full size (it is fast on CPU); the Triton path, an
 that asks for it, runs on the ``device`` fixture (through the interpreter on CPU at small sizes, or
 compiled on CUDA) and skips, with the reason, while fastpatch.ops.rope_attention_triton is absent.
 """
-import importlib
 import sys
 import types
 
@@ -269,13 +268,6 @@ def test_torch_path_survives_inference_mode_then_autograd():
 # ---------------------------------------------------------------------------------------------------
 # Triton path (interpreter on CPU, compiled with FASTPATCH_TEST_COMPILED=1)
 # ---------------------------------------------------------------------------------------------------
-def _triton_op_or_skip():
-    try:
-        importlib.import_module("fastpatch.ops.rope_attention_triton")
-    except ImportError as exc:
-        pytest.skip(f"fastpatch.ops.rope_attention_triton is not available yet: {exc}")
-
-
 TRITON_CASES = {  # id -> (Nq, Nk, head_dim, rope)
     "self37_dh64": (37, 37, 64, "rope100"),
     "self64_dh32_base10000": (64, 64, 32, "rope10000"),
@@ -289,7 +281,6 @@ TRITON_CASES = {  # id -> (Nq, Nk, head_dim, rope)
 @pytest.mark.parametrize("case", list(TRITON_CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_path_forward_matches_float64(dtype, case, device):
-    _triton_op_or_skip()
     n_q, n_k, head_dim, rope = TRITON_CASES[case]
     q, k, v = make_inputs(1, 2, n_q, n_k, head_dim, dtype, device=device)
     q_pos = grid_positions(1, n_q, width=8).to(device)
@@ -301,7 +292,6 @@ def test_triton_path_forward_matches_float64(dtype, case, device):
 @pytest.mark.parametrize("case", ["self37_dh64", "cross37x50_f0"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_path_gradients_match_float64(dtype, case, device):
-    _triton_op_or_skip()
     n_q, n_k, head_dim, rope = TRITON_CASES[case]
     q, k, v = as_leaves(make_inputs(1, 2, n_q, n_k, head_dim, dtype, device=device))
     q_pos = grid_positions(1, n_q, width=8).to(device)
