@@ -4,7 +4,7 @@
 # CUDA, run the full benchmarks and the report, all into bench/results/<UTC date>-<gpu>/:
 #   tests.xml + tests.log (junit + pytest log), results-*.json, bench-*.log, report.md,
 #   plot.png (when matplotlib is present), env.txt (nvidia-smi, versions, commit, date, step times).
-# Every step has a time budget (`timeout`; 550 s in all); a step cut short keeps what it finished.
+# Every step has a time budget (`timeout`; 570 s in all); a step cut short keeps what it finished.
 #   bash bench/gpu_run.sh [OUT]
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,18 +15,18 @@ mkdir -p "$out"
 status=0
 
 start=$SECONDS
-timeout 60 python -m pip install -e . --no-deps --no-build-isolation --disable-pip-version-check -q \
+timeout 45 python -m pip install -e . --no-deps --no-build-isolation --disable-pip-version-check -q \
     >"$out/install.log" 2>&1 || status=$?
 echo "install: $((SECONDS - start)) s (exit $status)"
 
 start=$SECONDS
-FASTPATCH_TEST_COMPILED=1 timeout -s INT -k 15 210 python -m pytest tests -q -p no:cacheprovider \
+FASTPATCH_TEST_COMPILED=1 timeout -s INT -k 15 270 python -m pytest tests -q -p no:cacheprovider \
     --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1 || status=$?
 echo "tests: $((SECONDS - start)) s (exit $status); $(tail -1 "$out/tests.log")"
 
 start=$SECONDS
-FASTPATCH_BENCH_FULL=1 BENCH_TIMEOUT_ATTENTION="${BENCH_TIMEOUT_ATTENTION:-140}" \
-    BENCH_TIMEOUT_PATCH_EMBED="${BENCH_TIMEOUT_PATCH_EMBED:-30}" BENCH_TIMEOUT_MODEL="${BENCH_TIMEOUT_MODEL:-110}" \
+FASTPATCH_BENCH_FULL=1 BENCH_TIMEOUT_ATTENTION="${BENCH_TIMEOUT_ATTENTION:-130}" \
+    BENCH_TIMEOUT_PATCH_EMBED="${BENCH_TIMEOUT_PATCH_EMBED:-25}" BENCH_TIMEOUT_MODEL="${BENCH_TIMEOUT_MODEL:-100}" \
     bash bench/run.sh "$out" || status=$?
 echo "benchmarks + report: $((SECONDS - start)) s (exit $status); results in $out"
 exit "$status"

@@ -11,11 +11,14 @@ Compiled mode (``FASTPATCH_TEST_COMPILED=1``, on a CUDA machine; see bench/gpu_r
     reference is still computed on CPU, and results are compared on CPU. Tests that do not take
     ``device`` run CPU tensors on the torch path exactly as in normal mode (AOT compiles, DDP over
     gloo, import state, torch-path numerics...). Tests about the interpreter itself are marked
-    :data:`interpreter_only` and skip with that reason. Nothing forces Triton on CPU in this mode:
-    that would raise RuntimeError.
+    :data:`interpreter_only` and skip with that reason; slow CPU-only checks the CPU CI already runs
+    identically (AOT compiles, the full-depth CPU model, DDP over gloo) are marked
+    :data:`cpu_ci_only` and skip too, to keep the GPU run inside its time budget. Nothing forces
+    Triton on CPU in this mode: that would raise RuntimeError.
 
-* :data:`COMPILED` is the one place the mode is read; test files import it (and
-  :data:`interpreter_only`, :func:`device_for`) from here.
+* ``tests/modes.py`` holds :data:`COMPILED` (the one place the mode is read), the markers and
+  :func:`device_for`; test files import them from there. It has no side effects, so scripts such as
+  the AOT compile subprocesses can import it without switching the interpreter on.
 * fp32 parity on CUDA needs TF32 off: torch's default for matmul, and our kernels use IEEE fp32
   unless ``torch.backends.cuda.matmul.allow_tf32`` is set. cuDNN convolutions default to TF32,
   so fp32 reference convolutions run on CPU, never on the ``device``.
@@ -25,7 +28,8 @@ Compiled mode (``FASTPATCH_TEST_COMPILED=1``, on a CUDA machine; see bench/gpu_r
 """
 import os
 
-COMPILED = os.environ.get("FASTPATCH_TEST_COMPILED", "0") == "1"
+from modes import COMPILED
+
 if not COMPILED:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -33,16 +37,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from upstream import UpstreamCode, load_upstream  # noqa: E402
-
-#: Marks a test about the Triton interpreter or CPU-only Triton routing: skipped in compiled mode.
-interpreter_only = pytest.mark.skipif(
-    COMPILED, reason="about the Triton interpreter on CPU; FASTPATCH_TEST_COMPILED=1 runs compiled kernels on CUDA")
-
-
-def device_for(backend: str, device: torch.device) -> torch.device:
-    """Where a test parametrised over backends puts our module: ``device`` for ``"triton"`` (the
-    kernels: interpreter on CPU, or CUDA), CPU for ``"torch"`` (the torch path, identical in both modes)."""
-    return device if backend == "triton" else torch.device("cpu")
 
 
 @pytest.fixture(scope="session")

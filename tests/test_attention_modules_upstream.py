@@ -14,7 +14,7 @@ import fastpatch
 from fastpatch.testing import TOLERANCES, assert_close_to_reference
 from upstream import perturb_
 
-from conftest import device_for
+from modes import device_for
 
 DIM, HEADS, NX, NY = 64, 2, 37, 23
 BACKENDS = ["torch", "triton"]

@@ -5,7 +5,7 @@ import torch
 from fastpatch import backend
 from fastpatch.backend import select_backend, use_backend
 
-from conftest import COMPILED, interpreter_only
+from modes import COMPILED, interpreter_only
 
 
 @interpreter_only

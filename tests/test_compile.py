@@ -29,7 +29,7 @@ from fastpatch.ops.rope_attention_triton import rope_attention_fwd  # noqa: F401
 from fastpatch.ops import patch_embed_triton  # noqa: F401
 from fastpatch.testing import TOLERANCES, relative_error
 
-from conftest import device_for
+from modes import device_for
 
 aten = torch.ops.aten
 

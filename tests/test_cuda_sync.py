@@ -11,7 +11,7 @@ import torch
 import fastpatch
 from fastpatch import reference
 
-from conftest import COMPILED
+from modes import COMPILED
 
 pytestmark = pytest.mark.skipif(not COMPILED, reason="needs compiled kernels on CUDA (FASTPATCH_TEST_COMPILED=1)")
 

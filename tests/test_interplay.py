@@ -24,7 +24,7 @@ from fastpatch import backend, reference
 from fastpatch.ops.rope_torch import rope_frequencies
 from fastpatch.testing import TOLERANCES, relative_error
 
-from conftest import device_for
+from modes import cpu_ci_only, device_for
 
 SMALL = dict(img_size=(32, 48), patch_size=16, enc_embed_dim=64, enc_depth=1, enc_num_heads=2, dec_embed_dim=64,
              dec_depth=1, dec_num_heads=2)
@@ -203,6 +203,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_file: str):
         dist.destroy_process_group()
 
 
+@cpu_ci_only
 def test_ddp_two_processes_match_single_process(tmp_path):
     world_size = 2
     mp.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path / "grads.pt")),

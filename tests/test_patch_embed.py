@@ -12,7 +12,7 @@ from fastpatch import reference
 from fastpatch.ops.patch_embed import patch_embed
 from fastpatch.testing import assert_close_to_reference, relative_error
 
-from conftest import device_for
+from modes import device_for
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["triton", "torch"]

@@ -28,6 +28,7 @@ from fastpatch.testing import (
     compile_summary,
     print_compile_results,
 )
+from modes import cpu_ci_only
 
 KERNELS = [patch_embed_fwd_kernel, patch_embed_grad_weight_kernel, patch_embed_grad_image_kernel]
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -86,6 +87,7 @@ def compiled_cases():
     return compile_results_in_subprocesses(__file__, timeout=600)
 
 
+@cpu_ci_only
 @pytest.mark.parametrize("case,capability,dtype", [c[:1] + c[2:4] for c in COMPILE_CASES],
                          ids=[c[0] for c in COMPILE_CASES])
 def test_compiles_for_gpu(compiled_cases, case, capability, dtype):

@@ -9,7 +9,7 @@ import fastpatch
 from fastpatch.testing import assert_close_to_reference
 from upstream import perturb_
 
-from conftest import device_for
+from modes import device_for
 
 BACKENDS = ["triton", "torch"]
 

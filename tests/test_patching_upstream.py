@@ -14,6 +14,7 @@ import fastpatch
 from fastpatch import use_backend
 from fastpatch.testing import relative_error
 from upstream import perturb_
+from modes import cpu_ci_only
 
 FP32_PARITY = 1e-5
 SMALL = dict(img_size=(64, 96), patch_size=16, enc_embed_dim=64, enc_depth=2, enc_num_heads=2, dec_embed_dim=64,
@@ -95,6 +96,7 @@ def test_patched_model_matches_unpatched_triton_path(upstream, device):
     _patch_and_compare(model, _views(1, 32, 48), "triton", device=device)
 
 
+@cpu_ci_only
 def test_full_depth_224_matches(upstream):
     model = _model(upstream, **FULL_224)
     _patch_and_compare(model, _views(1, 224, 224), "torch")

@@ -23,6 +23,7 @@ from fastpatch.testing import (
     compile_summary,
     print_compile_results,
 )
+from modes import cpu_ci_only
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -83,6 +84,7 @@ def compiled_cases():
     return compile_results_in_subprocesses(__file__, timeout=1800)
 
 
+@cpu_ci_only
 @pytest.mark.parametrize("case, kernel, dtype, capability", [(c[0], c[1], c[3], c[4]) for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_compiles_for_gpu(compiled_cases, case, kernel, dtype, capability):
