@@ -199,6 +199,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_file: str):
         _loss(ddp, img1, img2).backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out_file)
+        dist.barrier()  # no rank tears gloo down while the other still uses it (that aborts the process)
     finally:
         dist.destroy_process_group()
 
