@@ -17,5 +17,5 @@ pip_q --no-deps --no-build-isolation -e .
 if [ "${FASTPATCH_WITH_UPSTREAM:-0}" = "1" ]; then
     # Real upstream model code, imported by tests only (never vendored; CC BY-NC-SA).
     pip_q --no-deps mini-dust3r==0.1.2
-    pip_q einops beartype huggingface_hub
+    pip_q einops beartype huggingface_hub jaxtyping scipy pillow opencv-python-headless tqdm
 fi

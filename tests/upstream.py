@@ -1,7 +1,11 @@
 """Test-only access to the real upstream DUSt3R code (the ``mini-dust3r`` package).
 
 Upstream code is CC BY-NC-SA: it is never vendored here, only imported when installed
-(``pip install --no-deps mini-dust3r==0.1.2 einops beartype huggingface_hub``, done by ``.ci/run``).
+(``pip install --no-deps mini-dust3r==0.1.2`` plus the few pure-Python/CPU packages its model and
+inference modules import, done by ``scripts/setup_env.sh``). Its ``utils.image`` imports
+``torchvision.transforms`` at import time for image loading, which no test uses; PyPI's torchvision
+does not load beside the CPU torch wheel, so when torchvision is missing a stand-in module without
+any transform is put in ``sys.modules`` just for that import.
 Its import switches TF32 on globally and prints a warning about a missing CUDA RoPE extension;
 :func:`load_upstream` restores every global flag it may touch right after the import (so fp32
 kernels on CUDA inside the block run in IEEE fp32, as everywhere else) and again when the block exits.
@@ -11,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import sys
+import types
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterator
@@ -28,6 +34,8 @@ class UpstreamCode:
     croco: ModuleType  # CroCoNet
     model: ModuleType  # AsymmetricCroCo3DStereo
     rope: ModuleType  # RoPE2D (pure-torch version)
+    inference: ModuleType  # inference, loss_of_one_batch (dust3r.inference)
+    image_pairs: ModuleType  # make_pairs (dust3r.image_pairs)
 
 
 def _global_flags():
@@ -47,6 +55,36 @@ def _restore(flags) -> None:
     torch.set_default_dtype(default_dtype)
 
 
+def _import_inference() -> ModuleType:
+    _torchvision_stand_in()
+    return importlib.import_module("mini_dust3r.inference")
+
+
+def _torchvision_stand_in() -> None:
+    """Let ``import torchvision.transforms as tvf`` succeed where torchvision cannot be installed.
+
+    The stand-in's ``Compose``/``ToTensor``/``Normalize`` build transforms that raise when applied:
+    only upstream's image loading applies them, and tests build their images as tensors.
+    """
+    try:
+        import torchvision.transforms  # noqa: F401
+        return
+    except Exception:
+        pass
+
+    def apply(*args, **kwargs):
+        raise RuntimeError("torchvision is not installed: tests must not load images through upstream's loader")
+
+    def transform(*args, **kwargs):
+        return apply
+
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.Compose = transforms.ToTensor = transforms.Normalize = transform
+    package = types.ModuleType("torchvision")
+    package.transforms = transforms
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = package, transforms
+
+
 @contextlib.contextmanager
 def load_upstream() -> Iterator[UpstreamCode]:
     """Import mini-dust3r (skipping the test if it is not installed) and restore global state on exit."""
@@ -60,6 +98,8 @@ def load_upstream() -> Iterator[UpstreamCode]:
                     croco=importlib.import_module("mini_dust3r.croco.croco"),
                     model=importlib.import_module("mini_dust3r.model"),
                     rope=importlib.import_module("mini_dust3r.croco.pos_embed"),
+                    inference=_import_inference(),
+                    image_pairs=importlib.import_module("mini_dust3r.image_pairs"),
                 )
             except ImportError as exc:
                 pytest.skip(f"upstream DUSt3R code (mini-dust3r==0.1.2) is not installed: {exc}")
