@@ -1,0 +1,33 @@
+"""Run Triton launches on the device that holds their tensors.
+
+A Triton launch goes to the *current* CUDA device (and its current stream), not to the device of
+the pointers it is given. With a model on ``cuda:1`` while the current device is ``cuda:0``, an
+unguarded launch reads ``cuda:1`` memory from a kernel running on ``cuda:0``: an illegal memory
+access. Every launcher enters :func:`launch_device` around its launches.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+__all__ = ["launch_device"]
+
+_NO_GUARD = contextlib.nullcontext()
+
+
+def launch_device(device: torch.device) -> ContextManager:
+    """Context manager making ``device`` the current CUDA device for the launches inside it.
+
+    Args:
+        device: the device of the launch's tensors. Non-CUDA devices (the interpreter's CPU
+            tensors) need no guard: a shared no-op context is returned.
+
+    Returns:
+        ``torch.cuda.device(device)`` for a CUDA device (it restores the previous current device
+        on exit), else a no-op context.
+    """
+    if device.type != "cuda":
+        return _NO_GUARD
+    return torch.cuda.device(device)
