@@ -4,15 +4,21 @@ Inputs are assumed validated (:mod:`fastpatch.ops.patch_embed` does that). Share
 
 * ``img``: (B, C_in, Hi, Wi), any strides (NCHW, channels-last, sliced views), float32 /
   float16 / bfloat16. Hi and Wi are multiples of ``patch_size``.
-* ``weight``: (E, C_in, p, p) and ``bias``: (E,), same dtype as ``img``.
+* ``weight``: (E, C_in, p, p) and ``bias``: (E,), same dtype and device as ``img``.
 * ``portrait``: ``None`` (every sample landscape: PatchEmbedDust3R) or a (B,) bool tensor on the
   image's device, True where a ManyAR sample is stored transposed (true height > true width).
   It is read inside the kernels; nothing here synchronises with the device.
+
+Every launch runs under :func:`fastpatch.launchers.device.launch_device` of the image's device, and
+a launch whose grid would be empty (B = 0) is not made. fp32 products use TF32 exactly when
+``torch.backends.cudnn.allow_tf32`` is set, as the ``conv2d`` this op replaces would (read at each
+call; the interpreter computes them in fp32 either way).
 
 Token m = b * N + n with N = (Hi / p) * (Wi / p); see :mod:`fastpatch.kernels.patch_embed`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -25,20 +31,30 @@ from fastpatch.kernels.patch_embed import (
     patch_embed_grad_image_kernel,
     patch_embed_grad_weight_kernel,
 )
+from fastpatch.launchers.device import launch_device
 
 __all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image"]
 
+# Whether the kernels above were built for the interpreter, whose bf16 arithmetic is wrong (they
+# upcast every load then). Fixed when triton decorated them, so read once.
+_UPCAST = interpreter_active()
 
+
+@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> int:
+    """sm_<capability> of a CUDA device as 10 * major + minor; 80 elsewhere (the interpreter runs the sm_80 configs)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
-    return 80  # interpreter: run the sm_80 configuration
+    return 80
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """IEEE fp32 products unless torch itself allows TF32 for fp32 matmuls (half dtypes ignore it)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    """"tf32" for fp32 when torch allows TF32 in cuDNN convolutions (the op this one replaces), else "ieee".
+
+    Half dtypes ignore the switch (their products are exact in fp32 accumulation).
+    """
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -51,7 +67,7 @@ def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, po
     constexprs = dict(
         PATCH=patch_size,
         MANY_AR=portrait is not None,
-        UPCAST=interpreter_active(),
+        UPCAST=_UPCAST,
         DOT_PRECISION=_dot_precision(img.dtype),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -66,7 +82,7 @@ def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, po
 
 def patch_embed_forward(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: int,
                         portrait: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and positions of ``img`` in one launch.
+    """Tokens and positions of ``img`` in one launch (none for an empty batch).
 
     Returns:
         tokens: (B, N, E) contiguous, ``img.dtype``; token n = y * grid_cols + x in raster order
@@ -78,20 +94,23 @@ def patch_embed_forward(img: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     weight_2d = weight.reshape(embed_dim, patch_pixels)
     tokens = torch.empty((img.shape[0], num_tokens, embed_dim), device=img.device, dtype=img.dtype)
     pos = torch.empty((img.shape[0], num_tokens, 2), device=img.device, dtype=torch.int64)
+    if total_tokens == 0:
+        return tokens, pos
     grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(embed_dim, config.block_n))
-    patch_embed_fwd_kernel[grid](
-        img, weight_2d, bias, img if portrait is None else portrait, tokens, pos,
-        *geometry,
-        *img.stride(),
-        *weight_2d.stride(),
-        **constexprs,
-    )
+    with launch_device(img.device):
+        patch_embed_fwd_kernel[grid](
+            img, weight_2d, bias, img if portrait is None else portrait, tokens, pos,
+            *geometry,
+            *img.stride(),
+            *weight_2d.stride(),
+            **constexprs,
+        )
     return tokens, pos
 
 
 def patch_embed_grad_params(grad_tokens: torch.Tensor, img: torch.Tensor, weight: torch.Tensor, patch_size: int,
                             portrait: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the projection parameters.
+    """Gradients of the projection parameters (zeros, without a launch, for an empty batch).
 
     Args:
         grad_tokens: (B, N, E), any strides, ``img.dtype``.
@@ -100,23 +119,27 @@ def patch_embed_grad_params(grad_tokens: torch.Tensor, img: torch.Tensor, weight
         grad_weight: (E, C_in, p, p) contiguous, grad_bias: (E,), both ``weight.dtype``.
     """
     config, constexprs, geometry = _launch_options(img, weight, patch_size, portrait)
-    _, _, _, _, embed_dim, patch_pixels = geometry
+    total_tokens, _, _, _, embed_dim, patch_pixels = geometry
+    if total_tokens == 0:
+        return (torch.zeros_like(weight, memory_format=torch.contiguous_format),
+                torch.zeros((embed_dim,), device=weight.device, dtype=weight.dtype))
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_bias = torch.empty((embed_dim,), device=weight.device, dtype=weight.dtype)
     grid = (triton.cdiv(embed_dim, config.block_n), triton.cdiv(patch_pixels, config.block_k))
-    patch_embed_grad_weight_kernel[grid](
-        img, grad_tokens, img if portrait is None else portrait, grad_weight, grad_bias,
-        *geometry,
-        *img.stride(),
-        *grad_tokens.stride(),
-        **constexprs,
-    )
+    with launch_device(img.device):
+        patch_embed_grad_weight_kernel[grid](
+            img, grad_tokens, img if portrait is None else portrait, grad_weight, grad_bias,
+            *geometry,
+            *img.stride(),
+            *grad_tokens.stride(),
+            **constexprs,
+        )
     return grad_weight, grad_bias
 
 
 def patch_embed_grad_image(grad_tokens: torch.Tensor, img: torch.Tensor, weight: torch.Tensor, patch_size: int,
                            portrait: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gradient of the image (only its shape, layout and dtype are used).
+    """Gradient of the image (only its shape, layout and dtype are used; no launch for an empty batch).
 
     Args:
         grad_tokens: (B, N, E), any strides, ``img.dtype``.
@@ -128,13 +151,16 @@ def patch_embed_grad_image(grad_tokens: torch.Tensor, img: torch.Tensor, weight:
     total_tokens, _, _, _, embed_dim, patch_pixels = geometry
     weight_2d = weight.reshape(embed_dim, patch_pixels)
     grad_img = torch.empty_like(img, memory_format=torch.preserve_format)
+    if total_tokens == 0:
+        return grad_img
     grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(patch_pixels, config.block_k))
-    patch_embed_grad_image_kernel[grid](
-        grad_tokens, weight_2d, img if portrait is None else portrait, grad_img,
-        *geometry,
-        *grad_img.stride(),
-        *grad_tokens.stride(),
-        *weight_2d.stride(),
-        **constexprs,
-    )
+    with launch_device(img.device):
+        patch_embed_grad_image_kernel[grid](
+            grad_tokens, weight_2d, img if portrait is None else portrait, grad_img,
+            *geometry,
+            *grad_img.stride(),
+            *grad_tokens.stride(),
+            *weight_2d.stride(),
+            **constexprs,
+        )
     return grad_img
