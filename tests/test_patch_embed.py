@@ -1,6 +1,7 @@
 """Patch embedding: fastpatch (Triton on the ``device`` fixture: through the interpreter on CPU, or
 compiled on CUDA; and the torch path on CPU) against the float64 eager reference
 (:mod:`fastpatch.reference`, on CPU), forward and backward; layouts; modules; bad inputs."""
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -9,6 +10,7 @@ import torch
 
 import fastpatch
 from fastpatch import reference
+from fastpatch.ops import patch_embed_triton
 from fastpatch.ops.patch_embed import patch_embed
 from fastpatch.testing import assert_close_to_reference, relative_error
 
@@ -141,10 +143,45 @@ def test_autocast_casts_like_conv2d(device):
     assert_close_to_reference(tokens, expected(img.detach().cpu().double())[0])
 
 
-def test_empty_batch(device):
-    img = torch.zeros(0, 3, 16, 32, device=device)
-    tokens, pos = patch_embed(img, torch.zeros(8, 3, 16, 16, device=device), torch.zeros(8, device=device), 16)
-    assert tokens.shape == (0, 2, 8) and pos.shape == (0, 2, 2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_casts_before_the_dtype_check(backend, device):
+    """Under autocast conv2d takes mixed floating dtypes (it casts them all first) and leaves float64
+    alone; so does patch_embed."""
+    on = device_for(backend, device)
+    img, weight, bias = (t.to(on) for t in (torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8), torch.randn(8)))
+    with fastpatch.use_backend(backend), torch.autocast(on.type, dtype=torch.bfloat16):
+        tokens, _ = patch_embed(img.half(), weight, bias.bfloat16(), 8)
+        assert tokens.dtype == torch.bfloat16
+        with pytest.warns(RuntimeWarning, match="float64") if backend == "triton" else contextlib.nullcontext():
+            tokens64, _ = patch_embed(img.double(), weight.double(), bias.double(), 8)
+        assert tokens64.dtype == torch.float64
+        with pytest.raises(TypeError, match="share a dtype"):
+            patch_embed(img.double(), weight, bias, 8)
+    expected = torch.nn.functional.conv2d(img.double(), weight.double(), bias.double(), stride=8)
+    assert_close_to_reference(tokens, expected.flatten(2).transpose(1, 2), torch.bfloat16)
+    assert relative_error(tokens64, expected.flatten(2).transpose(1, 2)) < 1e-12
+
+
+@pytest.mark.parametrize("many_ar", [False, True], ids=["dust3r", "manyar"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, many_ar, device, monkeypatch):
+    """B = 0 on both paths (the Triton one really taken): empty tokens and positions, an empty
+    image gradient, zero weight and bias gradients."""
+    on = device_for(backend, device)
+    triton_calls = []
+    original = patch_embed_triton._patch_embed_fwd
+    monkeypatch.setattr(patch_embed_triton, "_patch_embed_fwd", lambda *args: triton_calls.append(1) or original(*args))
+    img, weight, bias = (t.to(on).requires_grad_() for t in (torch.zeros(0, 3, 16, 32), torch.randn(8, 3, 16, 16),
+                                                            torch.randn(8)))
+    true_shape = torch.zeros(0, 2, dtype=torch.int64, device=on) if many_ar else None
+    with fastpatch.use_backend(backend):
+        tokens, pos = patch_embed(img, weight, bias, 16, true_shape, many_ar=many_ar)
+    assert len(triton_calls) == (backend == "triton")
+    assert tokens.shape == (0, 2, 8) and tokens.dtype == torch.float32
+    assert pos.shape == (0, 2, 2) and pos.dtype == torch.int64
+    tokens.sum().backward()
+    assert img.grad.shape == img.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,14 +14,27 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..backend import common_device, select_backend
+from ..backend import select_backend
 from .patch_embed_torch import patch_embed_torch
-from .patch_embed_triton import patch_embed_triton
 
 __all__ = ["patch_embed"]
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
+
+# fastpatch.ops.patch_embed_triton.patch_embed_triton, imported on the first Triton call (so that
+# ``import fastpatch`` works without triton) and kept here: no import per call.
+_triton_patch_embed = None
+
+
+def _triton_op():
+    """The Triton custom op (:func:`fastpatch.ops.patch_embed_triton.patch_embed_triton`), imported once."""
+    global _triton_patch_embed
+    if _triton_patch_embed is None:
+        from .patch_embed_triton import patch_embed_triton
+
+        _triton_patch_embed = patch_embed_triton
+    return _triton_patch_embed
 
 
 def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -> int:
@@ -36,24 +49,28 @@ def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -
 
 
 def _check_tensors(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Types, ranks and shapes (dtypes are checked after the autocast cast, by :func:`_check_dtypes`)."""
     for name, t in (("img", img), ("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if img.dim() != 4:
         raise ValueError(f"img must be 4-D (B, C, H, W), got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise TypeError(f"img must have a floating dtype, got {img.dtype}")
-    if img.dtype not in TORCH_DTYPES:
-        raise TypeError(f"img dtype {img.dtype} is not supported; use float32, float16, bfloat16 or float64")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (embed_dim, C, p, p), got shape {tuple(weight.shape)}")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if weight.dtype != img.dtype or bias.dtype != img.dtype:
-        raise TypeError(f"img, weight and bias must share a dtype, got {img.dtype}, {weight.dtype}, {bias.dtype}")
     if weight.shape[1] != img.shape[1]:
         raise ValueError(f"img has {img.shape[1]} channels but weight expects {weight.shape[1]} "
                          f"(img shape {tuple(img.shape)})")
+
+
+def _check_dtypes(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    if not img.is_floating_point():
+        raise TypeError(f"img must have a floating dtype, got {img.dtype}")
+    if img.dtype not in TORCH_DTYPES:
+        raise TypeError(f"img dtype {img.dtype} is not supported; use float32, float16, bfloat16 or float64")
+    if weight.dtype != img.dtype or bias.dtype != img.dtype:
+        raise TypeError(f"img, weight and bias must share a dtype, got {img.dtype}, {weight.dtype}, {bias.dtype}")
 
 
 def _check_grid(img: torch.Tensor, p: int) -> None:
@@ -65,7 +82,11 @@ def _check_grid(img: torch.Tensor, p: int) -> None:
 def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> torch.Tensor:
     """(B,) bool on the image's device: True where the ManyAR sample is portrait (height > width).
 
-    Values are checked only where that costs no device synchronisation (CPU, outside tracing).
+    ``true_shape`` may be on the image's device or on the CPU while the image is elsewhere (dust3r
+    moves a batch's views to the GPU but leaves ``true_shape`` on the CPU). Values on the CPU are
+    checked against the batch tensor (on the host, a few microseconds) and the flags computed from
+    them are copied to the image's device without blocking. Values on an accelerator are not
+    read: that would synchronise with the device.
     """
     batch, _, height, width = img.shape
     if height > width:
@@ -76,19 +97,31 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
         raise ValueError(f"true_shape must have shape ({batch}, 2), got {tuple(true_shape.shape)}")
     if true_shape.is_floating_point() or true_shape.is_complex() or true_shape.dtype == torch.bool:
         raise TypeError(f"true_shape must hold integers, got {true_shape.dtype}")
+    on_host = true_shape.device.type == "cpu"
+    if true_shape.device != img.device and not on_host:
+        raise ValueError(f"true_shape must be on the image's device ({img.device}) or on the CPU, "
+                         f"got {true_shape.device}")
+    if on_host and not torch.compiler.is_compiling():
+        _check_true_shape_values(true_shape, height, width)
     portrait = true_shape[:, 0] > true_shape[:, 1]
-    if true_shape.device.type == "cpu" and not torch.compiler.is_compiling():
-        stored = torch.tensor([height, width], dtype=true_shape.dtype)
-        expected = torch.where(portrait[:, None], stored.flip(0), stored)
-        bad = (true_shape != expected).any(dim=1).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(f"true_shape rows {bad} ({true_shape[bad].tolist()}) do not match the {height}x{width} "
-                             "batch tensor: a landscape sample must be (H, W), a portrait one (W, H)")
+    if portrait.device != img.device:
+        portrait = portrait.to(img.device, non_blocking=True)
     return portrait
 
 
+def _check_true_shape_values(true_shape: torch.Tensor, height: int, width: int) -> None:
+    """Every row must be (H, W) (landscape, stored as is) or (W, H) (portrait, stored transposed)."""
+    rows = true_shape.tolist()
+    if set(map(tuple, rows)) <= {(height, width), (width, height)}:
+        return
+    bad = [i for i, row in enumerate(rows) if tuple(row) not in ((height, width), (width, height))]
+    raise ValueError(f"true_shape rows {bad} ({[rows[i] for i in bad]}) do not match the {height}x{width} "
+                     "batch tensor: a landscape sample must be (H, W), a portrait one (W, H)")
+
+
 def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Cast to the autocast dtype when autocast is on for the image's device (as conv2d would).
+    """Cast as autocast casts ``conv2d``'s inputs when it is on for the image's device: floating
+    tensors other than float64 go to the autocast dtype; float64 and non-floating ones are kept.
 
     Devices without autocast (``meta``) are left alone: asking them raises in torch.
     """
@@ -96,7 +129,8 @@ def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return img, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-    return img.to(dtype), weight.to(dtype), bias.to(dtype)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (img, weight, bias))
 
 
 def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: Union[int, Sequence[int]],
@@ -106,32 +140,37 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     Args:
         img: (B, C_in, Hi, Wi) float32/float16/bfloat16, any strides; Hi and Wi multiples of p.
             float64 runs on the torch path (with a warning where the Triton backend was selected).
-        weight: (E, C_in, p, p), the stride-p convolution weight; bias: (E,). Same dtype as img
-            (or any float dtypes under autocast, which casts all three like ``conv2d``).
+        weight: (E, C_in, p, p), the stride-p convolution weight; bias: (E,). Same dtype and
+            device as img; under autocast, any floating dtypes that autocast casts to one (like
+            ``conv2d``, float64 is not cast). B = 0 gives empty outputs (no kernel launch).
         patch_size: p, an int or a pair (p, p).
-        true_shape: (B, 2) integer (height, width) per sample; read only when ``many_ar``.
+        true_shape: (B, 2) integer (height, width) per sample; read only when ``many_ar``. On the
+            image's device, or on the CPU (its values are then checked on the host and the
+            portrait flags copied to the image's device without blocking).
         many_ar: ManyAR semantics: samples with height > width are stored transposed in ``img``
             (which must then have Wi >= Hi) and are embedded un-transposed.
 
     Returns:
-        tokens: (B, N, E) contiguous, img dtype, N = (Hi/p) * (Wi/p); token n is the patch at
+        tokens: (B, N, E) contiguous, img dtype (the autocast dtype under autocast), N = (Hi/p) * (Wi/p); token n is the patch at
             (n // cols, n % cols) of the sample's true grid (cols = Wi/p, or Hi/p for portrait).
         pos: (B, N, 2) int64 holding (y, x) per token.
 
     Raises:
         TypeError: non-tensor inputs, integer or unsupported dtypes, mismatched dtypes.
-        ValueError: wrong ranks/shapes/channels, sizes not multiples of p, tensors on different
-            devices, a portrait ManyAR batch tensor, true_shape of the wrong shape or values.
+        ValueError: wrong ranks/shapes/channels, sizes not multiples of p, img/weight/bias on
+            different devices, true_shape on a device other than the image's or the CPU, a
+            portrait ManyAR batch tensor, true_shape of the wrong shape or values.
     """
     _check_tensors(img, weight, bias)
     p = _square_patch(patch_size, weight)
     _check_grid(img, p)
-    common_device(img, weight, bias, true_shape if many_ar else None)
-    portrait = _portrait_flags(img, true_shape) if many_ar else None
+    backend = select_backend(img, weight, bias)  # raises for img, weight and bias on different devices
     img, weight, bias = _autocast(img, weight, bias)
-    if img.shape[0] > 0 and select_backend(img, weight, bias) == "triton":
+    _check_dtypes(img, weight, bias)
+    portrait = _portrait_flags(img, true_shape) if many_ar else None
+    if backend == "triton":
         if img.dtype in TRITON_DTYPES:
-            return patch_embed_triton(img, weight, bias, p, portrait)
+            return _triton_op()(img, weight, bias, p, portrait)
         warnings.warn(f"fastpatch: the Triton patch-embedding kernels support float32/float16/bfloat16, got "
                       f"{img.dtype}; this patch embedding runs on the torch path", RuntimeWarning, stacklevel=2)
     return patch_embed_torch(img, weight, bias, p, portrait)
