@@ -242,8 +242,9 @@ class ManyAR_PatchEmbed(PatchEmbedDust3R):
         portrait = ~landscape
         tokens = img.new_zeros((b, ht * wt, self.embed_dim))
         pos = torch.zeros((b, ht * wt, 2), dtype=torch.int64, device=img.device)
-        tokens[landscape] = self.proj(img[landscape]).flatten(2).transpose(1, 2)
-        tokens[portrait] = self.proj(img[portrait].swapaxes(-1, -2)).flatten(2).transpose(1, 2)
+        # The buffer keeps the image's dtype (under autocast the projection comes back in another one).
+        tokens[landscape] = self.proj(img[landscape]).flatten(2).transpose(1, 2).to(tokens.dtype)
+        tokens[portrait] = self.proj(img[portrait].swapaxes(-1, -2)).flatten(2).transpose(1, 2).to(tokens.dtype)
         pos[landscape] = self.position_getter(1, ht, wt, img.device)
         pos[portrait] = self.position_getter(1, wt, ht, img.device)
         return self.norm(tokens), pos

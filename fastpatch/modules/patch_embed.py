@@ -20,7 +20,8 @@ class PatchEmbedDust3R(reference.PatchEmbedDust3R):
     """Fused patch embedding: ``forward(img (B, 3, H, W), **kwargs) -> (tokens (B, N, E), pos (B, N, 2) int64)``.
 
     H and W must be multiples of the patch size (any size, portrait included); ``true_shape`` and
-    other keywords are ignored. With ``flatten=False`` tokens come back as (B, E, H/p, W/p).
+    other keywords are ignored. With ``flatten=False`` tokens come back as (B, E, H/p, W/p). Under
+    autocast the tokens are in the autocast dtype, as upstream's ``conv2d`` returns them.
     """
 
     def forward(self, img: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +36,15 @@ class ManyAR_PatchEmbed(reference.ManyAR_PatchEmbed):
     """Fused ManyAR patch embedding: ``forward(img (B, 3, H, W) with W >= H, true_shape (B, 2))``.
 
     Samples whose true_shape has height > width are stored transposed and embedded un-transposed,
-    inside one kernel launch (see :func:`fastpatch.ops.patch_embed.patch_embed`).
+    inside one kernel launch (see :func:`fastpatch.ops.patch_embed.patch_embed`). ``true_shape``
+    may stay on the CPU while the image is on the GPU, as dust3r's inference and training loops
+    leave it. Tokens come back in the image's dtype, also under autocast (upstream writes the
+    projection into a buffer of that dtype), so an fp32 encoder's residual stream stays fp32.
     """
 
     def forward(self, img: torch.Tensor, true_shape: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         tokens, pos = patch_embed(img, self.proj.weight, self.proj.bias, self.patch_size, true_shape, many_ar=True)
-        return self.norm(tokens), pos
+        return self.norm(tokens.to(img.dtype)), pos
 
 
 PATCH_EMBED_CLASSES = {"PatchEmbedDust3R": PatchEmbedDust3R, "ManyAR_PatchEmbed": ManyAR_PatchEmbed}
