@@ -21,7 +21,9 @@ Compiled mode (``FASTPATCH_TEST_COMPILED=1``, on a CUDA machine; see bench/gpu_r
   the AOT compile subprocesses can import it without switching the interpreter on.
 * fp32 parity on CUDA needs TF32 off: torch's default for matmul, and our kernels use IEEE fp32
   unless ``torch.backends.cuda.matmul.allow_tf32`` is set. cuDNN convolutions default to TF32,
-  so fp32 reference convolutions run on CPU, never on the ``device``.
+  so fp32 reference convolutions run on CPU, never on the ``device``; the patch-embedding kernels
+  follow ``torch.backends.cudnn.allow_tf32`` (like the conv they replace), so the autouse
+  ``_ieee_fp32_convolutions`` fixture turns that switch off in every test (a TF32 test sets it).
 * The ``upstream`` fixture gives the real DUSt3R model code (``mini-dust3r``, installed test-only)
   with torch's global state restored right after its import (which switches TF32 on) and again
   afterwards; tests skip with a visible reason without it.
@@ -60,3 +62,12 @@ def upstream() -> UpstreamCode:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_convolutions():
+    """cuDNN's TF32 switch (on by default) off during each test, restored after."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
