@@ -23,8 +23,8 @@ Every kernel tiles over two of the three GEMM axes and loops over the third:
 All products accumulate in fp32. ``UPCAST`` (set by the launcher when the Triton interpreter
 runs, whose bf16 arithmetic is wrong) converts every loaded value to fp32 before ``tl.dot``.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton 3.1's interpreter treats a parameter as constexpr only
+# when its annotation is the `tl.constexpr` object itself, not the string the future import makes of it.
 from typing import Dict, NamedTuple, Tuple
 
 import torch
