@@ -138,11 +138,12 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     """Patch tokens and their grid positions (spec sections 1 and 2), differentiable.
 
     Args:
-        img: (B, C_in, Hi, Wi) float32/float16/bfloat16, any strides; Hi and Wi multiples of p.
-            float64 runs on the torch path (with a warning where the Triton backend was selected).
+        img: (B, C_in, Hi, Wi) float32/float16/bfloat16, any strides; Hi and Wi multiples of p;
+            B may be 0. float64 runs on the torch path (with a warning where the Triton backend
+            was selected).
         weight: (E, C_in, p, p), the stride-p convolution weight; bias: (E,). Same dtype and
-            device as img; under autocast, any floating dtypes that autocast casts to one (like
-            ``conv2d``, float64 is not cast). B = 0 gives empty outputs (no kernel launch).
+            device as img; under autocast, any floating dtypes, which are cast as for ``conv2d``
+            (to the autocast dtype, float64 excepted).
         patch_size: p, an int or a pair (p, p).
         true_shape: (B, 2) integer (height, width) per sample; read only when ``many_ar``. On the
             image's device, or on the CPU (its values are then checked on the host and the
@@ -151,9 +152,11 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
             (which must then have Wi >= Hi) and are embedded un-transposed.
 
     Returns:
-        tokens: (B, N, E) contiguous, img dtype (the autocast dtype under autocast), N = (Hi/p) * (Wi/p); token n is the patch at
-            (n // cols, n % cols) of the sample's true grid (cols = Wi/p, or Hi/p for portrait).
+        tokens: (B, N, E) contiguous, img dtype (the autocast dtype under autocast),
+            N = (Hi/p) * (Wi/p); token n is the patch at (n // cols, n % cols) of the sample's
+            true grid (cols = Wi/p, or Hi/p for portrait).
         pos: (B, N, 2) int64 holding (y, x) per token.
+        With B = 0 both are empty and no kernel is launched; weight and bias gradients are zeros.
 
     Raises:
         TypeError: non-tensor inputs, integer or unsupported dtypes, mismatched dtypes.
