@@ -13,6 +13,8 @@ from fastpatch.ops import patch_embed_triton
 from fastpatch.ops.patch_embed import patch_embed
 from fastpatch.testing import assert_close_to_reference
 
+from modes import COMPILED
+
 HOST_TRUE_SHAPE = torch.tensor([[16, 32], [32, 16], [16, 32]])  # landscape, portrait, landscape
 PORTRAIT = [False, True, False]
 
@@ -113,3 +115,24 @@ def test_host_true_shape_numerics(backend, device):
     for what, grad, expected in (("grad img", img.grad, ref_img.grad), ("grad weight", weight.grad, ref.proj.weight.grad),
                                  ("grad bias", bias.grad, ref.proj.bias.grad)):
         assert_close_to_reference(grad, expected, torch.float32, kind="backward", what=what)
+
+
+@pytest.mark.skipif(not COMPILED, reason="needs compiled kernels on CUDA (FASTPATCH_TEST_COMPILED=1)")
+@pytest.mark.parametrize("true_shape_on", ["cpu", "image device"])
+def test_no_device_synchronisation(true_shape_on, device):
+    """A CPU true_shape is read on the host and its flags copied without blocking; one on the
+    image's device is never read: neither synchronises (sync debug mode 'error' raises if one did)."""
+    img, weight, bias = _params(device, requires_grad=True)
+    true_shape = HOST_TRUE_SHAPE if true_shape_on == "cpu" else HOST_TRUE_SHAPE.to(device)
+
+    def step():
+        tokens, _ = patch_embed(img, weight, bias, 8, true_shape, many_ar=True)
+        tokens.square().sum().backward()
+
+    step()  # compiles the kernels, fills per-device caches
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
