@@ -16,7 +16,9 @@ Overrides, strongest first:
 * the environment variable ``FASTPATCH_BACKEND=triton|torch|auto``, read at each call.
 
 Forcing ``triton`` for tensors that no Triton backend can run (CPU without the interpreter)
-raises :class:`RuntimeError`; it never falls back silently.
+raises :class:`RuntimeError`; it never falls back silently. Without an importable triton (see
+:mod:`fastpatch.triton_available`), ``auto`` runs the torch path where it would run the kernels,
+with one warning, and a forced ``triton`` raises.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import threading
 from typing import Iterator, List, Optional
 
 import torch
+
+from .triton_available import require_triton, triton_available, warn_without_triton
 
 __all__ = [
     "BACKENDS",
@@ -136,7 +140,7 @@ def select_backend(*tensors: Optional[torch.Tensor]) -> str:
 
     Raises:
         ValueError: tensors on different devices.
-        RuntimeError: ``triton`` was forced for a device no Triton backend runs on.
+        RuntimeError: ``triton`` was forced for a device no Triton backend runs on, or without triton.
     """
     device = common_device(*tensors)
     requested = requested_backend()
@@ -148,5 +152,11 @@ def select_backend(*tensors: Optional[torch.Tensor]) -> str:
                 f"fastpatch backend 'triton' was forced but the tensors are on {device}; Triton runs on CUDA, "
                 "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"
             )
+        require_triton(device)
         return "triton"
-    return "triton" if _triton_can_run(device) else "torch"
+    if not _triton_can_run(device):
+        return "torch"
+    if not triton_available():
+        warn_without_triton(device)
+        return "torch"
+    return "triton"
