@@ -11,6 +11,7 @@ PACKAGES = [
     "fastpatch.launchers",
     "fastpatch.ops",
     "fastpatch.modules",
+    "fastpatch.engine",
     "fastpatch.kernels",
 ]
 
