@@ -13,7 +13,13 @@ Overrides, strongest first:
 * ``with fastpatch.use_backend("torch"):`` (or ``"triton"`` / ``"auto"``) for the current thread
   (a per-thread stack in a :class:`threading.local`, which ``torch.compile`` traces and guards on,
   so the choice is made at trace time without graph breaks and a different choice recompiles);
-* the environment variable ``FASTPATCH_BACKEND=triton|torch|auto``, read at each call.
+* the environment variable ``FASTPATCH_BACKEND=triton|torch|auto``.
+
+Environment variables are read once, when this module is imported (``import fastpatch``), not at
+each call: ``FASTPATCH_BACKEND`` and ``TRITON_INTERPRET`` (which only takes effect if it is set before
+``triton`` is imported anyway). A program that changes them afterwards calls
+:func:`refresh_environment`. An invalid ``FASTPATCH_BACKEND`` raises :class:`ValueError` at the first
+call that needs the backend, not at import.
 
 Forcing ``triton`` for tensors that no Triton backend can run (CPU without the interpreter)
 raises :class:`RuntimeError`; it never falls back silently. Without an importable triton (see
@@ -34,6 +40,7 @@ from .triton_available import require_triton, triton_available, warn_without_tri
 __all__ = [
     "BACKENDS",
     "interpreter_active",
+    "refresh_environment",
     "requested_backend",
     "use_backend",
     "set_backend_override",
@@ -56,11 +63,6 @@ def _stack() -> List[str]:
     return stack
 
 
-def interpreter_active() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (kernels run on CPU in numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
-
-
 def _validate(name: str, source: str) -> str:
     value = name.strip().lower()
     if value not in BACKENDS:
@@ -68,15 +70,53 @@ def _validate(name: str, source: str) -> str:
     return value
 
 
+# What the environment asked for, as last read by refresh_environment(): the interpreter flag, and
+# the FASTPATCH_BACKEND choice or the error an invalid value raises at its first use.
+_interpreter = False
+_env_backend = "auto"
+_env_backend_error: Optional[str] = None
+
+
+def refresh_environment() -> None:
+    """(Re-)read ``TRITON_INTERPRET`` and ``FASTPATCH_BACKEND``; done once when this module is imported.
+
+    Call it after changing either variable in a running program. ``TRITON_INTERPRET`` only decides
+    how ``triton`` runs kernels when it is set before ``triton`` is imported.
+    """
+    global _interpreter, _env_backend, _env_backend_error
+    _interpreter = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+    env = os.environ.get("FASTPATCH_BACKEND")
+    _env_backend, _env_backend_error = "auto", None
+    if env is not None and env.strip() != "":
+        try:
+            _env_backend = _validate(env, "FASTPATCH_BACKEND")
+        except ValueError as exc:
+            _env_backend_error = str(exc)
+
+
+refresh_environment()
+
+
+def interpreter_active() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (kernels run on CPU in numpy).
+
+    The value read at import, or by the last :func:`refresh_environment`.
+    """
+    return _interpreter
+
+
 def requested_backend() -> str:
-    """The backend asked for: the innermost :func:`use_backend`, else ``FASTPATCH_BACKEND``, else ``"auto"``."""
+    """The backend asked for: the innermost :func:`use_backend`, else ``FASTPATCH_BACKEND``, else ``"auto"``.
+
+    Raises:
+        ValueError: ``FASTPATCH_BACKEND`` (as last read) names no backend.
+    """
     stack = _stack()
     if stack:
         return stack[-1]
-    env = os.environ.get("FASTPATCH_BACKEND")
-    if env is None or env.strip() == "":
-        return "auto"
-    return _validate(env, "FASTPATCH_BACKEND")
+    if _env_backend_error is not None:
+        raise ValueError(_env_backend_error)
+    return _env_backend
 
 
 def set_backend_override(name: str) -> int:
