@@ -7,7 +7,8 @@ does four more products, 2.5x the forward).
 """
 from __future__ import annotations
 
-__all__ = ["attention_core", "component", "encoder", "pair", "patch_embed", "mode_factors"]
+__all__ = ["attention_core", "component", "encoder", "decoder_pair", "linear_head", "pair", "scene", "patch_embed",
+           "mode_factors"]
 
 IN_CHANS = 3
 FWD_BWD_LINEAR = 3.0
@@ -55,10 +56,25 @@ def encoder(batch: int, tokens: int, dim: int = 1024, depth: int = 24, patch: in
     return patch_embed(batch, tokens, dim, patch) + depth * component("block", "forward", batch, tokens, dim)
 
 
+def decoder_pair(batch: int, tokens: int, enc_dim: int = 1024, dec_dim: int = 768, dec_depth: int = 12) -> float:
+    """decoder_embed on both views and both decoder streams of a pair (95.1 GFLOPs at 224x224, spec §11)."""
+    decoder_embed = 2 * 2.0 * batch * tokens * enc_dim * dec_dim
+    return decoder_embed + 2 * dec_depth * component("decoder_block", "forward", batch, tokens, dec_dim)
+
+
+def linear_head(batch: int, tokens: int, dec_dim: int = 768, patch: int = 16, channels: int = 4) -> float:
+    """DUSt3R's linear head on one view: the projection to ``channels`` x p^2 values per token, 2 B N d c p^2."""
+    return 2.0 * batch * tokens * dec_dim * channels * patch * patch
+
+
 def pair(batch: int, tokens: int, enc_dim: int = 1024, enc_depth: int = 24, dec_dim: int = 768,
          dec_depth: int = 12) -> float:
     """Backbone forward on an image pair, no heads: two encodes, decoder_embed and both decoder
     streams (1483 GFLOPs per pair at 512x384)."""
-    decoder_embed = 2 * 2.0 * batch * tokens * enc_dim * dec_dim
-    decoder = 2 * dec_depth * component("decoder_block", "forward", batch, tokens, dec_dim)
-    return 2 * encoder(batch, tokens, enc_dim, enc_depth) + decoder_embed + decoder
+    return 2 * encoder(batch, tokens, enc_dim, enc_depth) + decoder_pair(batch, tokens, enc_dim, dec_dim, dec_depth)
+
+
+def scene(encodes: int, pairs: int, tokens: int) -> float:
+    """A scene's inference with the ViT-L/Base linear-head model: ``encodes`` image encodes, then per
+    pair both decoder streams and both heads (all images of ``tokens`` tokens)."""
+    return encoder(encodes, tokens) + decoder_pair(pairs, tokens) + 2 * linear_head(pairs, tokens)

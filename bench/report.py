@@ -8,7 +8,9 @@ and writes ``DIR/report.md`` (default: the first JSON's folder): a header with d
 versions, commit and date, then one row per case and provider: median time, the interleaved ratios
 vs eager and vs the torch path (measured side by side, interleaved, by ``bench/cases.py``: the
 median of the per-round ratios), achieved TFLOP/s and % of the GPU's dense peak, peak memory, max relative error
-vs eager. ``DIR/plot.png`` shows the ratios vs eager (skipped, with a message, without matplotlib).
+vs eager. Rows of the scene-inference benchmark (``pairs_per_s`` in extra_info) also get a
+pairs/s table with their ratio vs the upstream loop. ``DIR/plot.png`` shows the ratios vs eager
+(skipped, with a message, without matplotlib).
 Self-contained (standard library only), so both invocations work.
 """
 from __future__ import annotations
@@ -30,7 +32,8 @@ PEAK_TFLOPS = [
     ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
 ]
-PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "fastpatch", "triton_in_loop", "triton_pre_rotated"]
+PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "upstream_loop", "fastpatch", "triton_in_loop",
+                  "triton_pre_rotated"]
 
 
 def peak_tflops(device: str, dtype: str) -> Optional[float]:
@@ -74,12 +77,15 @@ def load_rows(paths: List[str]) -> tuple:
             flops = info.get("flops")
             tflops = flops / (median_ms * 1e-3) / 1e12 if flops else None
             peak = peak_tflops(info.get("device", ""), info.get("dtype", ""))
+            baseline = info.get("error_baseline", "eager")
             rows.append(dict(
                 case=info["case"], provider=info["provider"], median_ms=median_ms,
                 vs_eager=ratio(info, "eager", median_ms), vs_torch_path=ratio(info, "torch_path", median_ms),
                 tflops=tflops, percent_peak=100.0 * tflops / peak if tflops and peak else None,
                 peak_memory_mib=None if info.get("peak_memory_bytes") is None else info["peak_memory_bytes"] / 2 ** 20,
-                error=info.get("max_rel_error_vs_eager"), rounds=info.get("rounds"),
+                error=info.get(f"max_rel_error_vs_{baseline}"), error_baseline=baseline, rounds=info.get("rounds"),
+                pairs=info.get("pairs"), images=info.get("images"), batch=info.get("batch"),
+                pairs_per_s=info.get("pairs_per_s"), vs_upstream_loop=ratio(info, "upstream_loop", median_ms),
             ))
     rank = {name: i for i, name in enumerate(PROVIDER_ORDER)}
     rows.sort(key=lambda r: (r["case"], rank.get(r["provider"], len(rank)), r["provider"]))
@@ -112,8 +118,35 @@ def markdown(header: Dict, rows: List[Dict]) -> str:
         lines.append(
             f"| {r['case']} | {r['provider']} | {r['median_ms']:.3f} | {_fmt(r['vs_eager'], '.2f')} | "
             f"{_fmt(r['vs_torch_path'], '.2f')} | {_fmt(r['tflops'], '.3f')} | {_fmt(r['percent_peak'], '.1f')} | "
-            f"{_fmt(r['peak_memory_mib'], '.1f')} | {_fmt(r['error'], '.1e')} | {r['rounds'] or ''} |")
-    return "\n".join(lines) + "\n"
+            f"{_fmt(r['peak_memory_mib'], '.1f')} | {_error(r)} | {r['rounds'] or ''} |")
+    return "\n".join(lines + _pair_lines(rows)) + "\n"
+
+
+def _error(row: Dict) -> str:
+    """The error cell; names the baseline when it is not eager."""
+    cell = _fmt(row["error"], ".1e")
+    return f"{cell} (vs {row['error_baseline']})" if cell and row["error_baseline"] != "eager" else cell
+
+
+def _pair_lines(rows: List[Dict]) -> List[str]:
+    """The scene-inference table (rows with ``pairs_per_s``, from bench/test_bench_pairs.py), or nothing."""
+    scene_rows = [r for r in rows if r["pairs_per_s"] is not None]
+    if not scene_rows:
+        return []
+    lines = [
+        "", "## Scene inference (pairs/s)", "",
+        "`eager`: the unpatched model in dust3r's inference loop; `upstream_loop`: the same model with fastpatch "
+        "modules in the same loop and batches; `fastpatch`: `fastpatch.inference` on the patched model. Ratios are "
+        "paired per round as above; each row's error is against the side named.", "",
+        "| case | provider | images | pairs | batch size | pairs/s | x vs upstream loop | x vs eager | max rel err |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in scene_rows:
+        lines.append(
+            f"| {r['case']} | {r['provider']} | {r['images']} | {r['pairs']} | {r['batch']} | {r['pairs_per_s']:.3f} | "
+            f"{_fmt(r['vs_upstream_loop'], '.2f')} | {_fmt(r['vs_eager'], '.2f')} | "
+            f"{_fmt(r['error'], '.1e')} (vs {r['error_baseline']}) |")
+    return lines
 
 
 def plot(rows: List[Dict], path: str) -> bool:
