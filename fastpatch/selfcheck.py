@@ -112,7 +112,7 @@ def _describe(device: torch.device) -> str:
 
 def backend_choice(device: torch.device) -> Tuple[str, str]:
     """``(backend, why)`` for an op's tensors on ``device``; backend is ``"error"`` where the op would raise."""
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True):  # the no-triton warning: its reason is given as the why
         warnings.simplefilter("always")
         try:
             requested = requested_backend()
@@ -121,13 +121,14 @@ def backend_choice(device: torch.device) -> Tuple[str, str]:
             return "error", str(exc)
     if requested == "torch":
         return "torch", "forced (FASTPATCH_BACKEND=torch or use_backend('torch'))"
-    if caught:
-        return backend, str(caught[0].message)
     forced = " (forced)" if requested == "triton" else ""
     if backend == "triton":
         if device.type == "cuda":
             return "triton", "compiled Triton kernels on CUDA" + forced
         return "triton", "Triton kernels in the interpreter (TRITON_INTERPRET=1: slow, for testing)" + forced
+    kernels_wanted = device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+    if kernels_wanted and triton_import_error() is not None:  # warned once per process (caught above)
+        return "torch", f"triton cannot be imported ({triton_import_error()}), so the torch path runs instead of the kernels"
     if device.type == "cpu":
         return "torch", ("CPU tensors run the torch path (TRITON_INTERPRET=1, set before triton is imported, "
                          "would run the kernels in the Triton interpreter instead)")

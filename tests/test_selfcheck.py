@@ -45,7 +45,10 @@ def test_python_m_fastpatch_on_cpu_prints_versions_backends_and_exits_0():
         assert fact in out, (fact, out)
     for op in ("rope_attention", "patch_embed"):
         assert re.search(rf"^  cpu +{op} +torch +CPU tensors run the torch path", out, re.M), out
-    assert "kernel checks: none" in out and _results(out) == []
+    if torch.cuda.is_available():  # a GPU machine: every kernel checked on CUDA
+        assert len(_results(out)) == 18 and all(r[-1] == "PASS" for r in _results(out)), out
+    else:
+        assert "kernel checks: none" in out and _results(out) == []
     assert out.rstrip().endswith("result: PASS")
 
 
@@ -61,7 +64,9 @@ def test_without_triton_it_says_why():
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "triton not importable (ModuleNotFoundError: No module named 'triton')" in out, out
-    assert re.search(r"^  cpu +rope_attention +torch +fastpatch: triton cannot be imported", out, re.M), out
+    for device in ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else []):
+        assert re.search(rf"^  {device} +rope_attention +torch +triton cannot be imported \(ModuleNotFoundError", out,
+                         re.M), out
     assert "kernel checks: none" in out and out.rstrip().endswith("result: PASS")
 
 
