@@ -22,12 +22,13 @@ def launch_device(device: torch.device) -> ContextManager:
 
     Args:
         device: the device of the launch's tensors. Non-CUDA devices (the interpreter's CPU
-            tensors) need no guard: a shared no-op context is returned.
+            tensors) and ``cuda`` without an index (the current device already) need no guard: a
+            shared no-op context is returned.
 
     Returns:
-        ``torch.cuda.device(device)`` for a CUDA device (it restores the previous current device
-        on exit), else a no-op context.
+        ``torch.cuda.device(device.index)`` for an indexed CUDA device (it restores the previous
+        current device on exit), else a no-op context.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or device.index is None:
         return _NO_GUARD
-    return torch.cuda.device(device)
+    return torch.cuda.device(device.index)
