@@ -108,10 +108,14 @@ def load_rows(ptr, stride_n, stride_d, offs_n, mask_n, HEAD_DIM: tl.constexpr, U
 
 
 @triton.jit
-def pair_scores(x_a, x_b, y_a, y_b):
-    """fp32 ``x @ y^T`` for tiles given as pair halves: ``x_a y_a^T + x_b y_b^T`` (IEEE fp32 for fp32 inputs)."""
-    scores = tl.dot(x_a, tl.trans(y_a), input_precision="ieee")
-    return tl.dot(x_b, tl.trans(y_b), scores, input_precision="ieee")
+def pair_scores(x_a, x_b, y_a, y_b, DOT_PRECISION: tl.constexpr):
+    """fp32 ``x @ y^T`` for tiles given as pair halves: ``x_a y_a^T + x_b y_b^T``.
+
+    ``DOT_PRECISION`` ("ieee" or "tf32") is ``tl.dot``'s ``input_precision`` for fp32 operands
+    (ignored for fp16/bf16 ones).
+    """
+    scores = tl.dot(x_a, tl.trans(y_a), input_precision=DOT_PRECISION)
+    return tl.dot(x_b, tl.trans(y_b), scores, input_precision=DOT_PRECISION)
 
 
 @triton.jit

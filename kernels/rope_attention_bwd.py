@@ -50,13 +50,13 @@ def rope_attention_bwd_dq_kernel(
     stride_kpos_b, stride_kpos_n, stride_kpos_c,
     num_heads, seq_q, seq_k, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, ROTATE_K_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    ROPE: tl.constexpr, ROTATE_K_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """delta and dQ for one (BLOCK_M queries, head) tile; grid (cdiv(Nq, BLOCK_M), B * H).
 
     ``ROPE`` rotates the query tile and inverse-rotates dQ; ``ROTATE_K_IN_LOOP`` rotates each
     key tile (otherwise ``k_ptr`` holds rotated keys, or ``ROPE`` is off). lse and delta are fp32
-    contiguous (B, H, Nq).
+    contiguous (B, H, Nq). ``DOT_PRECISION``: the fp32 products' ``input_precision`` ("ieee" or "tf32").
     """
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -94,14 +94,14 @@ def rope_attention_bwd_dq_kernel(
                                     stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16)
         v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
         # recompute the probabilities from the log-sum-exp; keys past the end get 0
-        scores = pair_scores(q_a, q_b, k_a, k_b)
+        scores = pair_scores(q_a, q_b, k_a, k_b, DOT_PRECISION)
         probs = tl.exp2(scores * qk_scale_log2 - lse_log2[:, None])
         probs = tl.where(mask_n[None, :], probs, 0.0)
         # dS = P * (dO v^T - delta); dq' += dS k'
-        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision="ieee")
+        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         grad_scores = round_to(probs * (grad_probs - delta[:, None]), k_ptr.dtype.element_ty, UPCAST_BF16)
-        grad_q_a = tl.dot(grad_scores, k_a, grad_q_a, input_precision="ieee")
-        grad_q_b = tl.dot(grad_scores, k_b, grad_q_b, input_precision="ieee")
+        grad_q_a = tl.dot(grad_scores, k_a, grad_q_a, input_precision=DOT_PRECISION)
+        grad_q_b = tl.dot(grad_scores, k_b, grad_q_b, input_precision=DOT_PRECISION)
 
     # scale, inverse-rotate, store dQ
     unrotate_and_store(grad_q_ptr + batch * stride_gqb + head * stride_gqh, stride_gqn, stride_gqd, offs_m, mask_m,
@@ -122,13 +122,14 @@ def rope_attention_bwd_dkdv_kernel(
     stride_kpos_b, stride_kpos_n, stride_kpos_c,
     num_heads, seq_q, seq_k, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, ROTATE_Q_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    ROPE: tl.constexpr, ROTATE_Q_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK and dV for one (BLOCK_N keys, head) tile; grid (cdiv(Nk, BLOCK_N), B * H).
 
     ``ROPE`` rotates the key tile and inverse-rotates dK; ``ROTATE_Q_IN_LOOP`` rotates each
     query tile (otherwise ``q_ptr`` holds rotated queries, or ``ROPE`` is off). Works on
-    transposed score tiles (keys x queries) so the accumulators stay key-major.
+    transposed score tiles (keys x queries) so the accumulators stay key-major. ``DOT_PRECISION``:
+    the fp32 products' ``input_precision`` ("ieee" or "tf32").
     """
     block_n = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -163,17 +164,17 @@ def rope_attention_bwd_dkdv_kernel(
         lse_log2 = tl.load(lse_ptr + stats_base + offs_m, mask=mask_m, other=0.0) * LOG2E
         delta = tl.load(delta_ptr + stats_base + offs_m, mask=mask_m, other=0.0)
         # recompute P^T from the log-sum-exp; queries past the end get 0
-        scores_t = pair_scores(k_a, k_b, q_a, q_b)
+        scores_t = pair_scores(k_a, k_b, q_a, q_b, DOT_PRECISION)
         probs_t = tl.exp2(scores_t * qk_scale_log2 - lse_log2[None, :])
         probs_t = tl.where(mask_m[None, :], probs_t, 0.0)
         # dV += P^T dO
         probs_t_operand = round_to(probs_t, grad_out_ptr.dtype.element_ty, UPCAST_BF16)
-        grad_v = tl.dot(probs_t_operand, grad_out, grad_v, input_precision="ieee")
+        grad_v = tl.dot(probs_t_operand, grad_out, grad_v, input_precision=DOT_PRECISION)
         # dS^T = P^T * (v dO^T - delta); dk' += dS^T q'
-        grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision="ieee")
+        grad_probs_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         grad_scores_t = round_to(probs_t * (grad_probs_t - delta[None, :]), q_ptr.dtype.element_ty, UPCAST_BF16)
-        grad_k_a = tl.dot(grad_scores_t, q_a, grad_k_a, input_precision="ieee")
-        grad_k_b = tl.dot(grad_scores_t, q_b, grad_k_b, input_precision="ieee")
+        grad_k_a = tl.dot(grad_scores_t, q_a, grad_k_a, input_precision=DOT_PRECISION)
+        grad_k_b = tl.dot(grad_scores_t, q_b, grad_k_b, input_precision=DOT_PRECISION)
 
     # scale, inverse-rotate, store dK; store dV
     unrotate_and_store(grad_k_ptr + batch * stride_gkb + head * stride_gkh, stride_gkn, stride_gkd, offs_n, mask_n,

@@ -25,7 +25,7 @@ def rope_attention_fwd_kernel(
     stride_kpos_b, stride_kpos_n, stride_kpos_c,
     num_heads, seq_q, seq_k, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr, ROTATE_K_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    ROPE: tl.constexpr, ROTATE_K_IN_LOOP: tl.constexpr, UPCAST_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (BLOCK_M queries, head) tile per program; grid (cdiv(Nq, BLOCK_M), B * H).
 
@@ -33,6 +33,7 @@ def rope_attention_fwd_kernel(
     ``ROPE`` rotates the query tile; ``ROTATE_K_IN_LOOP`` rotates each key tile in the loop
     (otherwise ``k_ptr`` already holds rotated keys, or ``ROPE`` is off). lse[b, h, n] (fp32,
     contiguous (B, H, Nq)) receives the natural-log log-sum-exp of the scaled scores.
+    ``DOT_PRECISION`` is the fp32 products' ``input_precision``: "ieee" or "tf32" (tensor cores).
     """
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -62,7 +63,7 @@ def rope_attention_fwd_kernel(
                                     stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16)
         v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
         # scale: base-2 scores, keys past the end masked out
-        scores = pair_scores(q_a, q_b, k_a, k_b)
+        scores = pair_scores(q_a, q_b, k_a, k_b, DOT_PRECISION)
         scores = tl.where(mask_n[None, :], scores * qk_scale_log2, float("-inf"))
         # online softmax: rescale the running sum and accumulator to the new row maximum
         new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -70,7 +71,7 @@ def rope_attention_fwd_kernel(
         probs = tl.exp2(scores - new_max[:, None])
         row_sum = row_sum * correction + tl.sum(probs, 1)
         probs = round_to(probs, v_ptr.dtype.element_ty, UPCAST_BF16)
-        acc = tl.dot(probs, v, acc * correction[:, None], input_precision="ieee")
+        acc = tl.dot(probs, v, acc * correction[:, None], input_precision=DOT_PRECISION)
         row_max = new_max
 
     # store the normalised output and the log-sum-exp

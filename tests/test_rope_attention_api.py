@@ -5,9 +5,6 @@ The torch path runs on CPU at full size (it is fast on CPU); the Triton path, an
 that asks for it, runs on the ``device`` fixture (through the interpreter on CPU at small sizes, or
 compiled on CUDA) and skips, with the reason, while fastpatch.ops.rope_attention_triton is absent.
 """
-import sys
-import types
-
 import pytest
 import torch
 
@@ -151,7 +148,7 @@ def test_plain_attention_needs_no_positions():
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_triton_op(monkeypatch):
-    """Replace fastpatch.ops.rope_attention_triton by a recorder returning (B, Nq, H, Dh) zeros."""
+    """Replace the Triton op fastpatch.rope_attention calls by a recorder returning (B, Nq, H, Dh) zeros."""
     calls = []
 
     def rope_attention_triton(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale):
@@ -159,9 +156,7 @@ def fake_triton_op(monkeypatch):
         b, h, n, d = q.shape
         return q.new_zeros(b, n, h, d)
 
-    fake = types.ModuleType("fastpatch.ops.rope_attention_triton")
-    fake.rope_attention_triton = rope_attention_triton
-    monkeypatch.setitem(sys.modules, "fastpatch.ops.rope_attention_triton", fake)
+    monkeypatch.setattr(rope_attention_module, "_triton_attention", rope_attention_triton)
     return calls
 
 

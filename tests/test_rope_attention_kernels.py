@@ -4,9 +4,18 @@ Runs on the ``device`` fixture: through the Triton interpreter on CPU, or compil
 FASTPATCH_TEST_COMPILED=1 (see conftest.py); the float64 reference is computed on CPU. Sizes are
 kept small (N <= 197, 1-2 heads) because the interpreter runs one program at a time.
 """
+import builtins
+import contextlib
+import os
+import sys
+
 import pytest
 import torch
 
+import fastpatch
+from fastpatch import rope_attention
+from fastpatch.kernels.rope_attention_configs import rope_attention_config
+from fastpatch.launchers import rope_attention as launchers
 from fastpatch.launchers.rope_attention import rope_attention_forward
 from fastpatch.ops.rope_attention_triton import rope_attention_triton
 from fastpatch.testing import assert_close_to_reference
@@ -178,3 +187,179 @@ def test_torch_compile_fullgraph(device):
     grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for grad, expected in zip(grads, torch.autograd.grad(attention(q, k, v), (q, k, v))):
         torch.testing.assert_close(grad, expected)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launches: device guard, dot precision, empty inputs, host work per call
+# ---------------------------------------------------------------------------------------------------
+KERNEL_NAMES = ("rope_rotate_kernel", "rope_attention_fwd_kernel", "rope_attention_bwd_dq_kernel",
+                "rope_attention_bwd_dkdv_kernel")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Launches of the four kernels in fastpatch.launchers.rope_attention, recorded and not run.
+
+    Each entry is ``(kernel name, launch keywords, the devices of the launch_device guards entered
+    around it, outermost first)``; outputs stay uninitialised (only the host side is under test).
+    """
+    recorded, guards = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        guards.append(device)
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: recorded.append((self.name, kwargs, list(guards)))
+
+    monkeypatch.setattr(launchers, "launch_device", recording_guard)
+    for name in KERNEL_NAMES:
+        monkeypatch.setattr(launchers, name, Recorder(name))
+    return recorded
+
+
+def _forward_backward(dtype, device, k_rotation="in_loop", batch=1, n_q=16, n_k=16):
+    q = torch.randn(batch, 1, n_q, 32, device=device).to(dtype).requires_grad_()
+    k, v = (torch.randn(batch, 1, n_k, 32, device=device).to(dtype).requires_grad_() for _ in range(2))
+    q_pos, k_pos = random_positions(batch, n_q).to(device), random_positions(batch, n_k).to(device)
+    out = rope_attention_triton(q, k, v, q_pos, k_pos, 100.0, 1.0, 0.2, k_rotation=k_rotation)
+    return out, torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+@pytest.mark.parametrize("k_rotation", K_ROTATIONS)
+def test_every_launch_runs_under_the_inputs_device_guard(launches, k_rotation, device):
+    """Triton launches on the current CUDA device: each one must run inside launch_device(q.device)."""
+    _forward_backward(torch.float16, device, k_rotation)
+    names = {name for name, _, _ in launches}
+    expected = set(KERNEL_NAMES) if k_rotation == "pre_rotated" else set(KERNEL_NAMES[1:])
+    assert names == expected
+    for name, _, guards in launches:
+        assert guards and guards[-1] == device, f"{name} launched under guards {guards}"
+
+
+@pytest.fixture
+def tf32_switches():
+    """Restore torch's fp32 matmul switches (each with the API that set it) after the test."""
+    allow_tf32, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def _set_tf32(switch: str) -> None:
+    if switch == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif switch == "matmul_precision_high":
+        torch.set_float32_matmul_precision("high")
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("switch", ["off", "allow_tf32", "matmul_precision_high"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dot_precision_follows_torch_fp32_matmul_switch(launches, tf32_switches, dtype, switch, device):
+    """fp32 attention uses TF32 exactly when torch's fp32 matmul would; fp16/bf16 ignore the switch."""
+    _set_tf32(switch)
+    _forward_backward(dtype, device)
+    expected = "tf32" if dtype == torch.float32 and switch != "off" else "ieee"
+    precisions = {name: kwargs["DOT_PRECISION"] for name, kwargs, _ in launches}
+    assert precisions == dict.fromkeys(KERNEL_NAMES[1:], expected)
+    if expected == "tf32":  # TF32 has its own table entries
+        config = launchers.launch_plan(device, dtype, 32, "tf32").config
+        assert [kwargs["BLOCK_M"] for name, kwargs, _ in launches if name == KERNEL_NAMES[1]] == [
+            config.forward.block_m]
+
+
+def test_fp32_with_tf32_matches_float64_within_tf32_tolerance(tf32_switches, device):
+    """TF32 fp32 numerics (TF32 table entries; real TF32 on a GPU, full fp32 in the interpreter)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    q, k, v = (x.detach().requires_grad_() for x in fused_qkv_views(1, 70, 1, 64, torch.float32, device))
+    pos = random_positions(1, 70).to(device)
+    out = rope_attention_triton(q, k, v, pos, pos, 100.0, 1.0, 0.125)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    expected = attention_float64(q64, k64, v64, pos.cpu(), pos.cpu(), 100.0, 1.0, 0.125)
+    assert_close_to_reference(out, expected, "tf32", what="out")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    for name, grad, expected_grad in zip("qkv", grads, torch.autograd.grad(expected, (q64, k64, v64),
+                                                                            grad_out.cpu().double())):
+        assert_close_to_reference(grad, expected_grad, "tf32", kind="backward", what=f"d{name}")
+
+
+EMPTY = {"no_keys": (2, 5, 0), "no_queries": (2, 0, 5), "no_batch": (0, 5, 5), "nothing": (0, 0, 0)}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("k_rotation", K_ROTATIONS)
+def test_empty_inputs_match_the_torch_path(case, k_rotation, device):
+    """Nk = 0, Nq = 0, B = 0: the torch path's output (zeros for Nk = 0) and zero gradients, no launch."""
+    batch, n_q, n_k = EMPTY[case]
+    q = torch.randn(batch, 2, n_q, 32, device=device).requires_grad_()
+    k, v = (torch.randn(batch, 2, n_k, 32, device=device).requires_grad_() for _ in range(2))
+    q_pos, k_pos = random_positions(batch, n_q).to(device), random_positions(batch, n_k).to(device)
+    grad_out = torch.randn(batch, n_q, 2, 32, device=device)
+    out = rope_attention_triton(q, k, v, q_pos, k_pos, 100.0, 1.0, 0.2, k_rotation=k_rotation)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
+    leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    with fastpatch.use_backend("torch"):
+        expected = rope_attention(*leaves, q_pos.cpu(), k_pos.cpu(), rope_base=100.0, scale=0.2).transpose(1, 2)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_out.cpu(), allow_unused=True)
+    assert out.shape == expected.shape and torch.equal(out.cpu(), expected.detach())
+    for grad, expected_grad, leaf in zip(grads, expected_grads, leaves):
+        expected_grad = torch.zeros_like(leaf) if expected_grad is None else expected_grad
+        assert grad.shape == leaf.shape and torch.equal(grad.cpu(), expected_grad)
+
+
+def test_launch_plan_is_built_once_per_device_dtype_head_dim(launches, monkeypatch, device):
+    """The config (and the device capability query) and the launch keywords are cached, not rebuilt per call."""
+    built = []
+    monkeypatch.setattr(launchers, "_PLANS", {})
+    monkeypatch.setattr(launchers, "rope_attention_config", lambda *a: built.append(a) or rope_attention_config(*a))
+    for _ in range(3):
+        _forward_backward(torch.float16, device)
+    assert len(built) == 1 and len([name for name, _, _ in launches if name == "rope_attention_fwd_kernel"]) == 3
+
+
+def test_a_call_reads_no_environment_and_imports_nothing(launches, monkeypatch, device):
+    """Host overhead: after the first call, fastpatch code reads no environment variable and runs no import."""
+    q, k, v = fused_qkv_views(1, 16, 1, 32, torch.float16, device)
+    pos = random_positions(1, 16).to(device)
+    with fastpatch.use_backend("triton"):
+        rope_attention(q, k, v, pos)  # first call: imports the Triton op, builds the launch plan
+    events = []
+
+    def from_fastpatch() -> bool:
+        return sys._getframe(2).f_globals.get("__name__", "").startswith("fastpatch")
+
+    class RecordingEnviron(dict):
+        def get(self, key, default=None):
+            if from_fastpatch():
+                events.append(f"environ[{key!r}]")
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            if from_fastpatch():
+                events.append(f"environ[{key!r}]")
+            return super().__getitem__(key)
+
+    real_import = builtins.__import__
+
+    def recording_import(name, globals=None, *args, **kwargs):
+        if (globals or {}).get("__name__", "").startswith("fastpatch"):
+            events.append(f"import {name}")
+        return real_import(name, globals, *args, **kwargs)
+
+    monkeypatch.setattr(os, "environ", RecordingEnviron(os.environ))
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    out = rope_attention(q, k, v, pos)  # FASTPATCH_BACKEND as read at import: the suite runs "auto"
+    monkeypatch.undo()
+    assert events == []
+    assert out.shape == q.shape and [name for name, _, _ in launches].count("rope_attention_fwd_kernel") == 2

@@ -12,92 +12,175 @@ Layouts (B batch, H heads, Nq / Nk query / key tokens, Dh head dim):
   token-major memory ((B, N, H, Dh) contiguous, viewed as (B, H, N, Dh)) whatever the input strides.
 
 Inputs are assumed validated by :func:`fastpatch.rope_attention` (same device, dtypes, shapes).
+
+Every launch runs under :func:`~fastpatch.launchers.device.launch_device` of the inputs' device
+(Triton launches on the *current* CUDA device otherwise). float32 inputs use TF32 tensor cores
+exactly when torch's own fp32 matmuls would (:func:`dot_precision`), IEEE fp32 otherwise.
+
+Host overhead: what depends only on (device, dtype, head dim, dot precision) -- the config (and
+with it the device capability), the launch keywords of every kernel variant, placeholder tensors
+-- is built once into a :class:`LaunchPlan` and cached; RoPE frequency tables are cached per
+(base, F0, head dim, device). A call reads no environment variable and imports nothing: one dict
+lookup, torch's TF32 switch (float32 only), the allocations and the launches.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import triton
 
-from ..backend import interpreter_active
 from ..kernels.rope import rope_rotate_kernel
 from ..kernels.rope_attention_bwd import rope_attention_bwd_dkdv_kernel, rope_attention_bwd_dq_kernel
-from ..kernels.rope_attention_configs import K_ROTATIONS, KernelConfig, RopeAttentionConfig, rope_attention_config
+from ..kernels.rope_attention_configs import (
+    K_ROTATIONS,
+    KernelConfig,
+    RopeAttentionConfig,
+    dot_precisions,
+    rope_attention_config,
+)
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
+from .device import launch_device
 
-__all__ = ["rope_frequencies", "launch_config", "rope_rotate", "rope_attention_forward", "rope_attention_backward",
-           "kernel_specializations"]
+__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "dot_precision", "launch_plan", "rope_rotate",
+           "rope_attention_forward", "rope_attention_backward", "kernel_specializations"]
+
+#: True when the kernels run in the Triton interpreter: read once, from the kernel objects triton built
+#: at import (``TRITON_INTERPRET`` acts when triton is imported, so it cannot change afterwards).
+INTERPRETED = type(rope_attention_fwd_kernel).__name__ == "InterpretedFunction"
+
+#: (ROPE, rotate the inner loop's operand in the loop): RoPE off, in-loop rotation, pre-rotated operands.
+ROPE_VARIANTS = ((False, False), (True, True), (True, False))
 
 _FREQUENCY_CACHE: Dict[Tuple[float, float, int, torch.device], torch.Tensor] = {}
-_PLACEHOLDER_CACHE: Dict[Tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def rope_frequencies(rope_base: float, rope_f0: float, head_dim: int, device: torch.device) -> torch.Tensor:
     """fp32 (Dh/4,) table ``F0 * base**(-j / (Dh/4))``, computed in float64 and rounded once (cached)."""
-    key = (float(rope_base), float(rope_f0), head_dim, torch.device(device))
+    key = (rope_base, rope_f0, head_dim, device)
     table = _FREQUENCY_CACHE.get(key)
     if table is None:
         quarter = head_dim // 4
-        exponents = torch.arange(quarter, dtype=torch.float64) / quarter
-        table = (rope_f0 * float(rope_base) ** -exponents).to(torch.float32).to(device)
+        with torch.inference_mode(False):
+            exponents = torch.arange(quarter, dtype=torch.float64) / quarter
+            table = (rope_f0 * float(rope_base) ** -exponents).to(torch.float32).to(device)
         _FREQUENCY_CACHE[key] = table
     return table
 
 
-def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A one-element tensor passed for pointer arguments a kernel variant never reads."""
-    key = (dtype, torch.device(device))
-    if key not in _PLACEHOLDER_CACHE:
-        _PLACEHOLDER_CACHE[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _PLACEHOLDER_CACHE[key]
+def _torch_uses_tf32() -> bool:
+    """Whether torch's own fp32 CUDA matmuls run on TF32 tensor cores (read at each call: users toggle it)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)  # also set by torch.set_float32_matmul_precision("high" | "medium")
+    except RuntimeError:  # torch >= 2.9 refuses the legacy getter once its new API was mixed in: ask that one
+        return matmul.fp32_precision == "tf32"
 
 
-def launch_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> RopeAttentionConfig:
-    """The config table entry for these inputs (CUDA: the device's capability; interpreter: the sm_80 entry).
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for ``dtype``: "tf32" for float32 when torch's fp32 matmuls use TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.get_float32_matmul_precision() != "highest"``),
+    else "ieee" (float16/bfloat16 always: the flag does not apply to them)."""
+    return "tf32" if dtype == torch.float32 and _torch_uses_tf32() else "ieee"
+
+
+def _kernel_keywords(config: KernelConfig, head_dim: int, rotate_flag: str, rope: bool, in_loop: bool,
+                     upcast_bf16: bool, precision: str) -> dict:
+    """Launch keywords (constexprs + num_warps/num_stages) of one attention kernel variant."""
+    return {"HEAD_DIM": head_dim, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "ROPE": rope,
+            rotate_flag: in_loop, "UPCAST_BF16": upcast_bf16, "DOT_PRECISION": precision,
+            "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch needs that depends only on (device, dtype, head dim, dot precision).
+
+    ``forward`` / ``backward_dq`` / ``backward_dkdv`` map a :data:`ROPE_VARIANTS` entry to the
+    kernel's launch keywords; ``rotation`` holds the RoPE kernel's. ``positions`` (int64) and
+    ``frequencies`` (fp32) are one-element placeholders for pointers a variant never reads.
+    """
+
+    config: RopeAttentionConfig
+    rotation: dict
+    forward: Dict[Tuple[bool, bool], dict]
+    backward_dq: Dict[Tuple[bool, bool], dict]
+    backward_dkdv: Dict[Tuple[bool, bool], dict]
+    positions: torch.Tensor
+    frequencies: torch.Tensor
+
+
+def _plan_keywords(config: RopeAttentionConfig, head_dim: int, precision: str, upcast_bf16: bool):
+    """(rotation keywords, forward, dQ, dK/dV keywords by RoPE variant) of one config."""
+    rotation = {"HEAD_DIM": head_dim, "BLOCK_N": config.rope_block, "UPCAST_BF16": upcast_bf16}
+    per_kernel = [{variant: _kernel_keywords(kernel_config, head_dim, flag, *variant, upcast_bf16, precision)
+                   for variant in ROPE_VARIANTS}
+                  for kernel_config, flag in ((config.forward, "ROTATE_K_IN_LOOP"),
+                                              (config.backward_dq, "ROTATE_K_IN_LOOP"),
+                                              (config.backward_dkdv, "ROTATE_Q_IN_LOOP"))]
+    return (rotation, *per_kernel)
+
+
+_PLANS: Dict[Tuple[torch.device, torch.dtype, int, str], LaunchPlan] = {}
+
+
+def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precision: str) -> LaunchPlan:
+    """The cached :class:`LaunchPlan` (CUDA: the device's capability; interpreter: the sm_80 entry).
 
     Raises:
-        ValueError: unsupported head dim or dtype.
+        ValueError: unsupported head dim, dtype or precision.
     """
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return rope_attention_config(head_dim, dtype, capability)
-
-
-def _meta(kernel_config: KernelConfig, head_dim: int, **flags) -> dict:
-    """Launch keywords (constexprs + num_warps/num_stages) of an attention kernel."""
-    return dict(HEAD_DIM=head_dim, BLOCK_M=kernel_config.block_m, BLOCK_N=kernel_config.block_n,
-                num_warps=kernel_config.num_warps, num_stages=kernel_config.num_stages, **flags)
+    key = (device, dtype, head_dim, precision)
+    plan = _PLANS.get(key)
+    if plan is None:
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        config = rope_attention_config(head_dim, dtype, capability, precision)
+        upcast_bf16 = dtype == torch.bfloat16 and INTERPRETED
+        with torch.inference_mode(False):
+            placeholders = (torch.zeros(1, dtype=torch.int64, device=device),
+                            torch.zeros(1, dtype=torch.float32, device=device))
+        plan = _PLANS[key] = LaunchPlan(config, *_plan_keywords(config, head_dim, precision, upcast_bf16),
+                                        *placeholders)
+    return plan
 
 
 def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: int) -> List[Tuple[object, dict]]:
     """Every (kernel, launch keywords) the launchers can run on a GPU of ``capability_class`` (80 or 90).
 
-    Covers RoPE off, RoPE with in-loop rotation and RoPE with pre-rotated operands, for the
-    forward, both backward kernels and the standalone RoPE kernel; used by the AOT compile tests.
+    Covers each dot precision of ``dtype`` (float32: IEEE and TF32), and RoPE off, RoPE with
+    in-loop rotation and RoPE with pre-rotated operands, for the forward, both backward kernels
+    and the standalone RoPE kernel (listed once when its keywords do not depend on the precision);
+    used by the AOT compile tests.
     """
-    config = rope_attention_config(head_dim, dtype, (capability_class // 10, capability_class % 10))
-    specializations = [(rope_rotate_kernel, dict(HEAD_DIM=head_dim, BLOCK_N=config.rope_block, UPCAST_BF16=False))]
-    for rope, in_loop in ((False, False), (True, True), (True, False)):
-        specializations += [
-            (rope_attention_fwd_kernel,
-             _meta(config.forward, head_dim, ROPE=rope, ROTATE_K_IN_LOOP=in_loop, UPCAST_BF16=False)),
-            (rope_attention_bwd_dq_kernel,
-             _meta(config.backward_dq, head_dim, ROPE=rope, ROTATE_K_IN_LOOP=in_loop, UPCAST_BF16=False)),
-            (rope_attention_bwd_dkdv_kernel,
-             _meta(config.backward_dkdv, head_dim, ROPE=rope, ROTATE_Q_IN_LOOP=in_loop, UPCAST_BF16=False)),
-        ]
+    specializations: List[Tuple[object, dict]] = []
+    capability = (capability_class // 10, capability_class % 10)
+    for precision in dot_precisions(dtype):
+        config = rope_attention_config(head_dim, dtype, capability, precision)
+        rotation, forward, backward_dq, backward_dkdv = _plan_keywords(config, head_dim, precision, False)
+        candidates = [(rope_rotate_kernel, rotation)]
+        for variant in ROPE_VARIANTS:
+            candidates += [(rope_attention_fwd_kernel, forward[variant]),
+                           (rope_attention_bwd_dq_kernel, backward_dq[variant]),
+                           (rope_attention_bwd_dkdv_kernel, backward_dkdv[variant])]
+        specializations += [c for c in candidates if c not in specializations]
     return specializations
 
 
-def _upcast_bf16(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreter_active()
+def _cdiv(n: int, block: int) -> int:
+    return -(-n // block)
 
 
-def _position_args(pos: Optional[torch.Tensor], device: torch.device):
-    """(tensor, stride_b, stride_n, stride_c) for a (B, N, 2) position tensor, or a placeholder."""
+def _position_args(pos: Optional[torch.Tensor], plan: LaunchPlan):
+    """(tensor, stride_b, stride_n, stride_c) for a (B, N, 2) position tensor, or the placeholder."""
     if pos is None:
-        return (_placeholder(torch.int64, device), 0, 0, 0)
+        return (plan.positions, 0, 0, 0)
     return (pos, *pos.stride())
+
+
+def _head_major_strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(b, h, n, d) strides of a (B, N, H, Dh) tensor (those of ``t.transpose(1, 2)``, without the view)."""
+    stride_b, stride_n, stride_h, stride_d = t.stride()
+    return stride_b, stride_h, stride_n, stride_d
 
 
 def _token_major_like(x: torch.Tensor) -> torch.Tensor:
@@ -107,10 +190,22 @@ def _token_major_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_k_rotation(k_rotation: Optional[str], config: RopeAttentionConfig) -> str:
-    k_rotation = config.k_rotation if k_rotation is None else k_rotation
+    if k_rotation is None:
+        return config.k_rotation
     if k_rotation not in K_ROTATIONS:
         raise ValueError(f"k_rotation must be one of {K_ROTATIONS}, got {k_rotation!r}")
     return k_rotation
+
+
+def _rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, keywords: dict) -> torch.Tensor:
+    """RoPE kernel launch (the caller holds the device guard): new contiguous rotated copy of ``x``."""
+    batch, heads, seq_len, head_dim = x.shape
+    out = torch.empty((batch, heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    rope_rotate_kernel[(_cdiv(seq_len, keywords["BLOCK_N"]), batch * heads)](
+        x, pos, frequencies, out, *x.stride(), *pos.stride(), *out.stride(), heads, seq_len, **keywords)
+    return out
 
 
 def rope_rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, block_n: int = 64) -> torch.Tensor:
@@ -119,16 +214,10 @@ def rope_rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, b
     ``frequencies`` is the fp32 (Dh/4,) table of :func:`rope_frequencies`; its negation gives the
     inverse rotation.
     """
-    batch, heads, seq_len, head_dim = x.shape
-    out = torch.empty((batch, heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    grid = (triton.cdiv(seq_len, block_n), batch * heads)
-    rope_rotate_kernel[grid](
-        x, pos, frequencies, out, *x.stride(), *pos.stride(), *out.stride(), heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_N=block_n, UPCAST_BF16=_upcast_bf16(x.dtype),
-    )
-    return out
+    keywords = {"HEAD_DIM": x.shape[-1], "BLOCK_N": block_n,
+                "UPCAST_BF16": x.dtype == torch.bfloat16 and INTERPRETED}
+    with launch_device(x.device):
+        return _rotate(x, pos, frequencies, keywords)
 
 
 def rope_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Optional[torch.Tensor],
@@ -145,32 +234,35 @@ def rope_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
         k_rotation: "in_loop" or "pre_rotated" (see :data:`~fastpatch.kernels.rope_attention_configs.K_ROTATIONS`);
             None takes the config table's choice.
 
+    Empty inputs launch nothing: B, H or Nq = 0 gives empty outputs; Nk = 0 (no keys) gives a zero
+    ``out``, as the torch path (``scaled_dot_product_attention``) does, and ``lse = -inf``.
+
     Raises:
         ValueError: unsupported head dim, dtype or ``k_rotation``.
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
-    config = launch_config(head_dim, q.dtype, q.device)
-    k_rotation = _resolve_k_rotation(k_rotation, config)
-    out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    device = q.device
+    plan = launch_plan(device, q.dtype, head_dim, dot_precision(q.dtype))
+    k_rotation = _resolve_k_rotation(k_rotation, plan.config)
+    out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=device)
+    lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out, lse
+    if seq_k == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
     rope = rope_base is not None
-    frequencies = rope_frequencies(rope_base, rope_f0, head_dim, q.device) if rope else _placeholder(
-        torch.float32, q.device)
-    rotate_k_in_loop = rope and k_rotation == "in_loop"
-    if rope and not rotate_k_in_loop:
-        k = rope_rotate(k, k_pos, frequencies, config.rope_block)
-    q_pos_args, k_pos_args = _position_args(q_pos, q.device), _position_args(k_pos, q.device)
-    fwd = config.forward
-    grid = (triton.cdiv(seq_q, fwd.block_m), batch * heads)
-    rope_attention_fwd_kernel[grid](
-        q, k, v, q_pos_args[0], k_pos_args[0], frequencies, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.transpose(1, 2).stride(), *q_pos_args[1:], *k_pos_args[1:],
-        heads, seq_q, seq_k, scale,
-        **_meta(fwd, head_dim, ROPE=rope, ROTATE_K_IN_LOOP=rotate_k_in_loop, UPCAST_BF16=_upcast_bf16(q.dtype)),
-    )
+    in_loop = rope and k_rotation == "in_loop"
+    frequencies = rope_frequencies(rope_base, rope_f0, head_dim, device) if rope else plan.frequencies
+    q_pos_args, k_pos_args = _position_args(q_pos, plan), _position_args(k_pos, plan)
+    keywords = plan.forward[(rope, in_loop)]
+    with launch_device(device):
+        if rope and not in_loop:
+            k = _rotate(k, k_pos, frequencies, plan.rotation)
+        rope_attention_fwd_kernel[(_cdiv(seq_q, keywords["BLOCK_M"]), batch * heads)](
+            q, k, v, q_pos_args[0], k_pos_args[0], frequencies, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *_head_major_strides(out), *q_pos_args[1:], *k_pos_args[1:],
+            heads, seq_q, seq_k, scale, **keywords)
     return out, lse
 
 
@@ -190,41 +282,37 @@ def rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     Returns:
         dq (B, H, Nq, Dh), dk and dv (B, H, Nk, Dh) in the inputs' dtype, token-major memory.
         Deterministic: no atomics (a dQ kernel over query blocks, a dK/dV kernel over key blocks).
+        With no queries or no keys (or B = 0) nothing launches and the gradients are zeros.
     """
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
-    config = launch_config(head_dim, q.dtype, q.device)
-    k_rotation = _resolve_k_rotation(k_rotation, config)
+    device = q.device
+    plan = launch_plan(device, q.dtype, head_dim, dot_precision(q.dtype))
+    k_rotation = _resolve_k_rotation(k_rotation, plan.config)
     grad_q, grad_k, grad_v = _token_major_like(q), _token_major_like(k), _token_major_like(v)
     if grad_q.numel() == 0 or grad_k.numel() == 0:
-        return grad_q, grad_k.zero_(), grad_v.zero_()
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
     grad_out = grad_out.to(out.dtype)
-    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=device)
     rope = rope_base is not None
-    frequencies = rope_frequencies(rope_base, rope_f0, head_dim, q.device) if rope else _placeholder(
-        torch.float32, q.device)
-    rotate_in_loop = rope and k_rotation == "in_loop"
-    q_inner, k_inner = q, k
-    if rope and not rotate_in_loop:
-        q_inner = rope_rotate(q, q_pos, frequencies, config.rope_block)
-        k_inner = rope_rotate(k, k_pos, frequencies, config.rope_block)
-    q_pos_args, k_pos_args = _position_args(q_pos, q.device), _position_args(k_pos, q.device)
-    flags = dict(ROPE=rope, UPCAST_BF16=_upcast_bf16(q.dtype))
-
-    # dQ (and delta) over query blocks: the query tile is rotated in-kernel, keys come from k_inner
-    dq_cfg = config.backward_dq
-    rope_attention_bwd_dq_kernel[(triton.cdiv(seq_q, dq_cfg.block_m), batch * heads)](
-        q, k_inner, v, out, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_q,
-        *q.stride(), *k_inner.stride(), *v.stride(), *out.transpose(1, 2).stride(),
-        *grad_out.transpose(1, 2).stride(), *grad_q.stride(), *q_pos_args[1:], *k_pos_args[1:],
-        heads, seq_q, seq_k, scale, **_meta(dq_cfg, head_dim, ROTATE_K_IN_LOOP=rotate_in_loop, **flags),
-    )
-    # dK, dV over key blocks: the key tile is rotated in-kernel, queries come from q_inner
-    dkdv_cfg = config.backward_dkdv
-    rope_attention_bwd_dkdv_kernel[(triton.cdiv(seq_k, dkdv_cfg.block_n), batch * heads)](
-        q_inner, k, v, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_k, grad_v,
-        *q_inner.stride(), *k.stride(), *v.stride(), *grad_out.transpose(1, 2).stride(),
-        *grad_k.stride(), *grad_v.stride(), *q_pos_args[1:], *k_pos_args[1:],
-        heads, seq_q, seq_k, scale, **_meta(dkdv_cfg, head_dim, ROTATE_Q_IN_LOOP=rotate_in_loop, **flags),
-    )
+    in_loop = rope and k_rotation == "in_loop"
+    frequencies = rope_frequencies(rope_base, rope_f0, head_dim, device) if rope else plan.frequencies
+    q_pos_args, k_pos_args = _position_args(q_pos, plan), _position_args(k_pos, plan)
+    grad_out_strides, out_strides = _head_major_strides(grad_out), _head_major_strides(out)
+    dq_keywords, dkdv_keywords = plan.backward_dq[(rope, in_loop)], plan.backward_dkdv[(rope, in_loop)]
+    with launch_device(device):
+        q_inner, k_inner = q, k
+        if rope and not in_loop:
+            q_inner = _rotate(q, q_pos, frequencies, plan.rotation)
+            k_inner = _rotate(k, k_pos, frequencies, plan.rotation)
+        # dQ (and delta) over query blocks: the query tile is rotated in-kernel, keys come from k_inner
+        rope_attention_bwd_dq_kernel[(_cdiv(seq_q, dq_keywords["BLOCK_M"]), batch * heads)](
+            q, k_inner, v, out, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_q,
+            *q.stride(), *k_inner.stride(), *v.stride(), *out_strides, *grad_out_strides, *grad_q.stride(),
+            *q_pos_args[1:], *k_pos_args[1:], heads, seq_q, seq_k, scale, **dq_keywords)
+        # dK, dV over key blocks: the key tile is rotated in-kernel, queries come from q_inner
+        rope_attention_bwd_dkdv_kernel[(_cdiv(seq_k, dkdv_keywords["BLOCK_N"]), batch * heads)](
+            q_inner, k, v, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_k, grad_v,
+            *q_inner.stride(), *k.stride(), *v.stride(), *grad_out_strides, *grad_k.stride(), *grad_v.stride(),
+            *q_pos_args[1:], *k_pos_args[1:], heads, seq_q, seq_k, scale, **dkdv_keywords)
     return grad_q, grad_k, grad_v

@@ -10,16 +10,29 @@ implementation with :func:`fastpatch.backend.select_backend`:
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ..backend import select_backend
+from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # a plain table: no triton import
 from .rope_attention_torch import rope_attention_torch
 
 __all__ = ["rope_attention"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: fastpatch.ops.rope_attention_triton.rope_attention_triton, imported on the first Triton call
+#: (``import fastpatch`` never imports triton), then read from here: no import per call.
+_triton_attention: Optional[Callable] = None
+
+
+def _load_triton_attention() -> Callable:
+    global _triton_attention
+    from .rope_attention_triton import rope_attention_triton
+
+    _triton_attention = rope_attention_triton
+    return rope_attention_triton
 
 
 def _check_tokens(name: str, t: object) -> torch.Tensor:
@@ -47,8 +60,6 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int) -> torch.T
 
 def _triton_unsupported(q: torch.Tensor, dropout_p: float) -> Optional[str]:
     """Why the Triton kernels cannot run this call, or None when they can."""
-    from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # imported with the kernels
-
     if dropout_p > 0.0:
         return "the Triton attention kernels have no dropout (dropout_p > 0)"
     if q.shape[-1] not in TRITON_HEAD_DIMS:
@@ -110,7 +121,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
             raise ValueError("q_pos is required when rope_base is set (pass rope_base=None for plain attention)")
     if q_pos is not None:
         _check_positions("q_pos", q_pos, batch, n_q)
-        _check_positions("k_pos", k_pos, batch, n_k)
+        if k_pos is not q_pos:
+            _check_positions("k_pos", k_pos, batch, n_k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is None:
@@ -125,9 +137,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
     if backend == "torch":
         return rope_attention_torch(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale, dropout_p)
 
-    from .rope_attention_triton import rope_attention_triton  # imported on first use: keeps triton out of import fastpatch
-
-    if q_pos is not None:
-        q_pos, k_pos = q_pos.long(), k_pos.long()  # the kernels read int64; a no-op for int64 positions
-    out = rope_attention_triton(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale)
+    triton_attention = _triton_attention or _load_triton_attention()
+    if q_pos is not None and not q_pos.dtype == k_pos.dtype == torch.int64:
+        q_pos, k_pos = q_pos.long(), k_pos.long()  # the kernels read int64
+    out = triton_attention(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale)
     return out.transpose(1, 2)
