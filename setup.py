@@ -25,8 +25,14 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir={"fastpatch.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.6"],
+    # Never replaces the user's torch or triton (README "Supported versions"). torch's CUDA wheels pin
+    # the triton they were built with, from torch 2.5 on a triton the kernels run on (2.5 -> 3.1;
+    # torch 2.4's 3.0 is not supported), so triton is not listed: listing it would install one beside
+    # a CPU-only torch, and without triton the ops run their torch path. ``fastpatch[triton]`` asks
+    # for one explicitly.
+    install_requires=["torch>=2.5"],
     extras_require={
+        "triton": ["triton>=3.1"],
         "test": ["pytest", "pytest-benchmark", "numpy"],
     },
 )

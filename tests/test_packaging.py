@@ -1,6 +1,8 @@
-"""The built wheel installs kernels/ as fastpatch.kernels and nothing named `kernels` at top level."""
+"""The built wheel: kernels/ installed as fastpatch.kernels (nothing named `kernels` at top level), every module
+packaged, and requirements that never replace the user's torch or triton."""
 import subprocess
 import sys
+import re
 import zipfile
 from pathlib import Path
 
@@ -10,12 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory):
+def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)]
     subprocess.run(cmd, check=True, capture_output=True)
-    (wheel,) = out.glob("fastpatch-*.whl")
-    return zipfile.ZipFile(wheel).namelist()
+    (path,) = out.glob("fastpatch-*.whl")
+    return zipfile.ZipFile(path)
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel):
+    return wheel.namelist()
+
+
+@pytest.fixture(scope="module")
+def requirements(wheel):
+    """The wheel's ``Requires-Dist`` lines (what pip installs with it)."""
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    lines = wheel.read(metadata).decode().splitlines()
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
 
 
 def test_kernels_installed_under_fastpatch(wheel_names):
@@ -30,3 +45,19 @@ def test_every_source_module_is_packaged(wheel_names):
     sources += [Path("fastpatch/kernels") / p.relative_to(ROOT / "kernels") for p in (ROOT / "kernels").rglob("*.py")]
     missing = [str(p) for p in sources if str(p) not in wheel_names]
     assert not missing, f"modules missing from the wheel (add their package to setup.py): {missing}"
+
+
+def test_requires_torch_2_5_and_no_triton(requirements):
+    """torch >= 2.5 (its CUDA wheels pin a triton >= 3.1); triton only through the ``triton`` extra, so
+    installing fastpatch never upgrades or downgrades the triton (and through it the torch) a user has."""
+    plain = [r for r in requirements if "extra ==" not in r]
+    assert plain == ["torch>=2.5"]
+    assert [r for r in requirements if r.startswith("triton")] == ['triton>=3.1; extra == "triton"']
+
+
+def test_oldest_environment_pins_the_lowest_supported_triton(requirements):
+    """The CI's oldest-triton run (scripts/setup_oldest_env.sh) tests exactly the lower bound setup.py admits."""
+    (lower,) = [r.split(";")[0].split(">=")[1] for r in requirements if r.startswith("triton>=")]
+    script = (ROOT / "scripts" / "setup_oldest_env.sh").read_text()
+    (pinned,) = re.findall(r"^OLDEST_TRITON=(\S+)$", script, flags=re.M)
+    assert pinned.split(".")[:2] == lower.split(".")[:2]
