@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastpatch
+from fastpatch.engine import model_calls
 from fastpatch.engine.feature_cache import FeatureCache
 from fastpatch.testing import TOLERANCES, relative_error
 from upstream import perturb_
@@ -230,8 +231,24 @@ def test_model_without_engine_methods_runs_through_forward(upstream):
     pairs = _scene(upstream, [LANDSCAPE, PORTRAIT, LANDSCAPE])
     ref = upstream.inference.inference(pairs, model, "cpu", batch_size=8, verbose=False)
     forwards = _count(model, "forward")
-    assert_same_result(fastpatch.inference(pairs, Wrapper(model), "cpu", batch_size=8, verbose=False), ref)
+    with pytest.warns(RuntimeWarning, match="Wrapper has no _encode_image, _decoder, _downstream_head"):
+        ours = fastpatch.inference(pairs, Wrapper(model), "cpu", batch_size=8, verbose=False)
+    assert_same_result(ours, ref)
     assert forwards == [2, 2, 2]  # pairs with equal image and true shapes share a forward
+
+
+def test_encoder_gets_true_shape_on_the_image_device():
+    """dust3r leaves true_shape on the CPU; a patch embedding may index the image with it."""
+    seen = []
+
+    class Recorder:
+        def _encode_image(self, img, true_shape):
+            seen.append(true_shape.device)
+            return img.flatten(2).transpose(1, 2), torch.zeros(1, 1, 2, dtype=torch.int64, device=img.device), None
+
+    img = torch.empty(1, 3, 16, 16, device="meta")
+    model_calls.encode(Recorder(), img, torch.tensor([[16, 16]]))
+    assert seen == [img.device]
 
 
 def test_true_shape_on_cpu_with_model_on_device(upstream, device):

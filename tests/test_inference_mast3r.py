@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import fastpatch
 from fastpatch.engine import mast3r as engine_mast3r
 from fastpatch.testing import relative_error
-from test_inference import FP32, LANDSCAPE, PORTRAIT, SMALL, _count, _images, assert_same_result, one_thread  # noqa: F401
+from test_inference import (FP32, LANDSCAPE, PORTRAIT, SMALL, _count, _images, assert_same_result,  # noqa: F401
+                            one_thread)
 from upstream import perturb_
 
 DESC_DIM = 8

@@ -18,6 +18,7 @@ import torch
 from . import distributed as dist_engine
 from .feature_cache import FeatureCache, default_device_budget
 from .identity import ImageView, image_view
+from .model_calls import has_engine_methods
 from .results import same_image_sizes, scene_result
 from .runner import distinct_images, predict_pairs
 
@@ -106,8 +107,11 @@ def inference(pairs, model, device, batch_size: int = 8, verbose: bool = True, *
 
     if talk:
         elapsed = time.perf_counter() - start
-        spill = f", {cache.stats.spilled} spilled to the CPU" if cache.stats.spilled else ""
-        who = "rank 0 encoded" if world is not None else "encoded"
-        print(f">> {len(views)} pairs in {elapsed:.2f} s: {len(views) / elapsed:.2f} pairs/s "
-              f"({who} {cache.stats.stored} images once each{spill})")
+        if has_engine_methods(model):
+            spill = f", {cache.stats.spilled} spilled to the CPU" if cache.stats.spilled else ""
+            who = "rank 0 encoded" if world is not None else "encoded"
+            how = f"{who} {cache.stats.stored} images once each{spill}"
+        else:
+            how = "model(view1, view2) per pair batch"
+        print(f">> {len(views)} pairs in {elapsed:.2f} s: {len(views) / elapsed:.2f} pairs/s ({how})")
     return result

@@ -15,6 +15,7 @@ A model without ``_encode_image`` / ``_decoder`` / ``_downstream_head`` is run a
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -114,6 +115,9 @@ def _decode_all(model, views: Sequence[Tuple[ImageView, ImageView]], batch_size:
 def _forward_all(model, pairs: Sequence[Tuple[dict, dict]], views: Sequence[Tuple[ImageView, ImageView]],
                  device: torch.device, batch_size: int, verbose: bool) -> List[Prediction]:
     """Fallback: ``model(view1, view2)`` on batches of pairs with equal image and true shapes."""
+    warnings.warn(f"{type(model).__name__} has no {', '.join(model_calls.ENGINE_METHODS)}: fastpatch.inference runs "
+                  "model(view1, view2) per batch of same-shape pairs, encoding each image once per pair as dust3r "
+                  "does", RuntimeWarning, stacklevel=5)  # the caller of fastpatch.inference (under no_grad)
     def signature(i: int):
         return tuple((tuple(v.img.shape), v.img.dtype, v.true_shape_rows) for v in views[i])
 
