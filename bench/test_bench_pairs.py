@@ -75,8 +75,8 @@ if DEVICE == "cuda":
     SCENES = [Scene(16, 384, 512, 8, dtype, loop_rounds=3, engine_rounds=5, warmup_rounds=1)
               for dtype in (torch.float32, torch.bfloat16)]
 else:
-    SCENES = [Scene(4, 224, 224, 2, torch.float32, loop_rounds=2, engine_rounds=3, warmup_rounds=0),
-              Scene(8, 224, 224, 8, torch.float32, loop_rounds=1, engine_rounds=2, warmup_rounds=0)]
+    SCENES = [Scene(4, 224, 224, 2, torch.float32, loop_rounds=1, engine_rounds=3, warmup_rounds=0),
+              Scene(8, 224, 224, 8, torch.float32, loop_rounds=1, engine_rounds=1, warmup_rounds=0)]
 
 
 @functools.lru_cache(maxsize=1)
