@@ -171,6 +171,16 @@ def test_symmetric_inference_with_gradients_caches_nothing(upstream):
     assert res[0]["pts3d"].requires_grad and len(engine_mast3r.feature_cache()) == 0
 
 
+def test_symmetric_inference_does_not_cache_inference_mode_images(upstream):
+    """Inference tensors have no version counter, so an in-place write could not be detected."""
+    model = _mast3r_model(upstream)
+    with torch.inference_mode():
+        a, b = _images([LANDSCAPE] * 2)
+        ref = _reference_symmetric(model, a, b)
+        _assert_same_heads(fastpatch.symmetric_inference(model, a, b, "cpu"), ref)
+    assert len(engine_mast3r.feature_cache()) == 0
+
+
 def test_symmetric_inference_bad_inputs(upstream):
     model = _mast3r_model(upstream)
     a, b = _images([LANDSCAPE] * 2)

@@ -18,7 +18,7 @@ encoded N times instead of once per pair. When both images have the same token s
 decoder directions run as one batch of ``2B``. The cache keeps at most 1 GiB on the device (then
 spills to the CPU) and 4 GiB on the CPU (then drops the least recently used); entries go as soon as
 their image tensor or model is garbage-collected; :func:`clear_feature_cache` empties it. With
-gradients enabled nothing is cached.
+gradients enabled nothing is cached, nor are inference-mode images (they have no version counter).
 """
 from __future__ import annotations
 
@@ -55,11 +55,13 @@ def _model_state(model) -> tuple:
 
 def _features(model, views: List[ImageView], device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Tokens and positions of each view, from the cache where possible; the rest encoded (together
-    when they share a shape) and cached unless gradients are on."""
+    when they share a shape) and cached, unless gradients are on or the image is an inference-mode
+    tensor (no version counter: an in-place write could not be seen)."""
     use_cache = not torch.is_grad_enabled()
     state = _model_state(model) if use_cache else None
     keys = [(state, str(device), view.key) for view in views]
-    found = {key: _CACHE.get(key) for key in keys} if use_cache else {}
+    cacheable = {key: use_cache and version_of(view.img) is not None for key, view in zip(keys, views)}
+    found = {key: _CACHE.get(key) for key in keys if cacheable[key]}
     todo: Dict[tuple, ImageView] = {}
     for key, view in zip(keys, views):
         if found.get(key) is None:
@@ -74,7 +76,7 @@ def _features(model, views: List[ImageView], device: torch.device) -> List[Tuple
             start = 0
             for key, view in batch:
                 found[key] = feat[start:start + view.rows], pos[start:start + view.rows]
-                if use_cache:
+                if cacheable[key]:
                     _CACHE.put(key, *found[key], owners=(view.img, model))
                 start += view.rows
     return [found[key] for key in keys]
