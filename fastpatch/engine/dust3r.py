@@ -102,15 +102,17 @@ def inference(pairs, model, device, batch_size: int = 8, verbose: bool = True, *
 
     cache = FeatureCache(device_budget=budget)
     local = predict_pairs(model, [pairs[i] for i in mine], [views[i] for i in mine], device, batch_size, cache, talk)
+    stats = cache.stats
+    cache.clear()  # the features' memory is free before the gather and the collation
     predictions = dist_engine.gather_in_order(local) if world is not None else local
     result = scene_result(pairs, predictions, as_lists=not same_image_sizes(views))
 
     if talk:
         elapsed = time.perf_counter() - start
         if has_engine_methods(model):
-            spill = f", {cache.stats.spilled} spilled to the CPU" if cache.stats.spilled else ""
+            spill = f", {stats.spilled} spilled to the CPU" if stats.spilled else ""
             who = "rank 0 encoded" if world is not None else "encoded"
-            how = f"{who} {cache.stats.stored} images once each{spill}"
+            how = f"{who} {stats.stored} images once each{spill}"
         else:
             how = "model(view1, view2) per pair batch"
         print(f">> {len(views)} pairs in {elapsed:.2f} s: {len(views) / elapsed:.2f} pairs/s ({how})")
