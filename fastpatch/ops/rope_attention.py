@@ -45,7 +45,12 @@ def _check_tokens(name: str, t: object) -> torch.Tensor:
     return t
 
 
+_COMMON_POSITION_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
 def _check_positions(name: str, pos: object, batch: int, tokens: int) -> torch.Tensor:
+    if isinstance(pos, torch.Tensor) and pos.dtype in _COMMON_POSITION_DTYPES and pos.shape == (batch, tokens, 2):
+        return pos  # the usual case, in one test; anything else gets the detailed checks below
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer (y, x) positions, got {type(pos).__name__}")
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
