@@ -13,7 +13,10 @@ argument packing, the launch) can cost as much as the kernel. This file isolates
   device capability.
 
 Cases: the op (B=1, H=16, N=768, Dh=64; fp32 and bf16 forward, fp32 forward + backward) and the
-encoder ``Block`` forward (dim 1024, 16 heads, N=768). Providers, interleaved round by round as in
+encoder ``Block`` forward (dim 1024, 16 heads, N=768), on ``meta`` and, as a closer stand-in for a
+GPU's per-op host cost, on CPU tensors with batch 0 (``block-...-b0-...-cpu``: every torch op
+dispatches to its real C++ kernel and computes nothing; the attention launchers return before
+their launches, as they do for any empty input, so that row leaves out argument packing). Providers, interleaved round by round as in
 :mod:`bench.cases`: ``eager`` (:mod:`fastpatch.reference`), ``torch_path`` (fastpatch under
 ``use_backend("torch")``) and ``fastpatch`` (the Triton path, launches stubbed). A round is
 ``calls_per_round`` calls (fastpatch: :data:`CALLS`; eager and torch_path: :data:`PARTNER_CALLS`, as
@@ -111,17 +114,17 @@ def _build_steps(case: Case) -> Dict[str, Callable[[], object]]:
     """provider -> one call (``bench.cases.make_step``; its device argument only picks the autocast and the
     synchronisation, so "cpu": no autocast, no sync) on meta inputs."""
     tokens, grad = int(case.size[1:]), case.mode == "forward_backward"
-    pos = torch.empty((case.batch, tokens, 2), dtype=torch.int64, device=DEVICE)
+    pos = torch.empty((case.batch, tokens, 2), dtype=torch.int64, device=case.device)
     if case.component == "rope_attention":
-        q, k, v = (torch.empty((case.batch, 16, tokens, 64), dtype=case.dtype, device=DEVICE, requires_grad=grad)
+        q, k, v = (torch.empty((case.batch, 16, tokens, 64), dtype=case.dtype, device=case.device, requires_grad=grad)
                    for _ in range(3))
         calls = {EAGER: _eager_rope_attention, TORCH_PATH: _fastpatch_rope_attention,
                  FASTPATCH: _fastpatch_rope_attention}
         return {name: make_step(calls[name], (q, k, v, pos), case.mode, "cpu", BACKENDS[name]) for name in PROVIDERS}
-    x = torch.empty((case.batch, tokens, 1024), dtype=case.dtype, device=DEVICE)
+    x = torch.empty((case.batch, tokens, 1024), dtype=case.dtype, device=case.device)
     modules = {name: namespace.Block(1024, 16, qkv_bias=True, rope=namespace.RoPE2D(freq=ROPE_BASE))
                for name, namespace in ((EAGER, reference), (FASTPATCH, fastpatch))}
-    modules = {name: module.to(DEVICE, case.dtype).eval() for name, module in modules.items()}
+    modules = {name: module.to(case.device, case.dtype).eval() for name, module in modules.items()}
     modules[TORCH_PATH] = modules[FASTPATCH]
     return {name: make_step(modules[name], (x, pos), case.mode, "cpu", BACKENDS[name]) for name in PROVIDERS}
 
@@ -138,7 +141,8 @@ def _timed_loop(step: Callable[[], object], calls: int, stubbed: bool) -> Callab
 CASES = [Case("rope_attention", "forward", "n768", 1, torch.float32, DEVICE),
          Case("rope_attention", "forward", "n768", 1, torch.bfloat16, DEVICE),
          Case("rope_attention", "forward_backward", "n768", 1, torch.float32, DEVICE),
-         Case("block", "forward", "n768", 1, torch.float32, DEVICE)]
+         Case("block", "forward", "n768", 1, torch.float32, DEVICE),
+         Case("block", "forward", "n768", 0, torch.float32, "cpu")]
 CASE_PROVIDERS = [(case, provider) for case in CASES for provider in PROVIDERS]
 
 
