@@ -1,4 +1,4 @@
-"""Everything that differs between the Triton versions fastpatch supports (3.1 to 3.9), in one place.
+"""Everything that differs between the Triton versions fastpatch supports (3.1 and newer), in one place.
 
 The kernels are written in the subset every supported version accepts, so the only
 version-specific code is how Triton turns launch arguments into a compiled variant, which the

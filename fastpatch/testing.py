@@ -14,13 +14,15 @@ Why these values (unit roundoff u: fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,7 +33,10 @@ __all__ = [
     "assert_close_to_reference",
     "SHARED_MEMORY_LIMIT",
     "compile_for_gpu",
+    "launch_specialization",
+    "recorded_launches",
     "compile_summary",
+    "selected_compile_cases",
     "print_compile_results",
     "compile_results_in_subprocesses",
 ]
@@ -99,27 +104,58 @@ def assert_close_to_reference(
         raise AssertionError(f"{what}: relative error {err:.3e} exceeds the {dtype} {kind} tolerance {tol:.1e}")
 
 
-def compile_for_gpu(kernel, signature: Dict[str, str], constexprs: Dict[str, object], capability: int, num_warps: int = 4,
-                    num_stages: int = 3):
+def compile_for_gpu(kernel, spec, capability: int, num_warps: int = 4, num_stages: int = 3):
     """Compile a ``@triton.jit`` kernel ahead of time for ``sm_<capability>`` without a GPU.
 
     Args:
         kernel: the jitted function.
-        signature: argument name -> Triton type string (``"*fp16"``, ``"i32"``, ``"fp32"``, ``"constexpr"``).
-        constexprs: values of the ``constexpr`` arguments.
+        spec: a :class:`fastpatch.compat.LaunchSpecialization`: argument types, constexprs (the
+            runtime's folded ``== 1`` integers included) and ``tt.divisibility = 16`` arguments, as
+            :func:`launch_specialization` derives them from a real launch (see :func:`recorded_launches`).
         capability: 80 (A100) or 90 (H100).
 
     Returns:
-        The compiled kernel; ``.asm["ptx"]`` holds the PTX (``wgmma`` marks Hopper tensor cores),
-        ``.metadata.shared`` the shared memory in bytes.
+        The compiled kernel; ``.asm`` holds ``"ttir"``, ``"ttgir"``, ``"ptx"`` (``wgmma`` marks Hopper
+        tensor cores), ``.metadata.shared`` the shared memory in bytes.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from .compat import compile_for_target
 
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    return compile_for_target(kernel, spec, capability, num_warps, num_stages)
+
+
+def launch_specialization(kernel, args: Dict[str, object], capability: int):
+    """The :class:`~fastpatch.compat.LaunchSpecialization` Triton's runtime derives from a launch's arguments."""
+    from .compat import launch_specialization as specialize
+
+    return specialize(kernel, args, capability)
+
+
+@contextlib.contextmanager
+def recorded_launches(kernels: Sequence[object]) -> Iterator[List[Tuple[object, Dict[str, object], Dict[str, object]]]]:
+    """Inside the block, launches of ``kernels`` are recorded instead of run (no GPU or interpreter needed).
+
+    Yields:
+        A list that fills with ``(kernel, arguments by parameter name, launch options)`` per launch,
+        e.g. ``options = {"num_warps": 4, "num_stages": 2}``. Call the real launchers with CPU
+        tensors of the real layouts (``torch.empty`` touches no memory) to see what they pass.
+    """
+    launches: List[Tuple[object, Dict[str, object], Dict[str, object]]] = []
+
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            bound = dict(zip(kernel.arg_names, args))
+            options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}
+            bound.update((k, v) for k, v in kwargs.items() if k in kernel.arg_names)
+            launches.append((kernel, bound, options))
+        return run
+
+    for kernel in kernels:
+        kernel.run = recorder(kernel)
+    try:
+        yield launches
+    finally:
+        for kernel in kernels:
+            del kernel.run
 
 
 #: Shared memory per block a launch configuration may use, by capability class: the sm_90 opt-in
@@ -128,17 +164,36 @@ def compile_for_gpu(kernel, signature: Dict[str, str], constexprs: Dict[str, obj
 SHARED_MEMORY_LIMIT: Dict[int, int] = {80: 99 * 1024, 90: 227 * 1024}
 
 
-def compile_summary(kernel, signature: Dict[str, str], constexprs: Dict[str, object], capability: int,
-                    num_warps: int = 4, num_stages: int = 3) -> Dict[str, object]:
+def compile_summary(kernel, spec, capability: int, num_warps: int = 4, num_stages: int = 3) -> Dict[str, object]:
     """Compile with :func:`compile_for_gpu` and summarise what the tests check.
 
     Returns:
-        ``{"wgmma": bool, "mma_sync": bool, "shared": bytes}``: whether the PTX uses Hopper
-        (``wgmma``) or Ampere (``mma.sync``) tensor-core instructions, and the shared memory used.
+        ``{"wgmma": bool, "mma_sync": bool, "shared": bytes, "divisibility_hints": int,
+        "vector_loads": int}``: whether the PTX uses Hopper (``wgmma``) or Ampere (``mma.sync``)
+        tensor-core instructions, the shared memory used, how many kernel arguments carry
+        ``tt.divisibility = 16`` in the TTIR, and how many 16-byte global loads the PTX has
+        (``ld.global.v4`` and ``cp.async.cg``, which needs 16 bytes).
     """
-    compiled = compile_for_gpu(kernel, signature, constexprs, capability, num_warps=num_warps, num_stages=num_stages)
-    ptx = compiled.asm["ptx"]
-    return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared}
+    compiled = compile_for_gpu(kernel, spec, capability, num_warps=num_warps, num_stages=num_stages)
+    ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
+    signature = ttir[ttir.index("tt.func"):].split("\n", 1)[0]
+    return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared,
+            "divisibility_hints": signature.count("tt.divisibility = 16"),
+            "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.|cp\.async\.cg\.", ptx))}
+
+
+def selected_compile_cases(cases: Sequence[tuple]) -> List[tuple]:
+    """The cases (tuples whose first item is the case id) that ``FASTPATCH_COMPILE_CASES`` selects.
+
+    The variable is a regular expression searched in each case id (unset: every case); the
+    oldest-triton CI run uses it to compile a subset. Raises ``ValueError`` when it selects nothing,
+    so a typo cannot turn the compile tests into a silent no-op.
+    """
+    pattern = os.environ.get("FASTPATCH_COMPILE_CASES", "")
+    selected = [case for case in cases if re.search(pattern, case[0])]
+    if not selected:
+        raise ValueError(f"FASTPATCH_COMPILE_CASES={pattern!r} selects none of {len(cases)} compile cases")
+    return selected
 
 
 def print_compile_results(cases: Sequence[Tuple[str, Callable[[], Dict[str, object]]]], argv: Sequence[str]) -> None:

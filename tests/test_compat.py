@@ -1,4 +1,4 @@
-"""What keeps the kernels working on every supported triton (3.1 to 3.9), checked under the installed one.
+"""What keeps the kernels working on every supported triton (3.1 and newer), checked under the installed one.
 
 The numerics under the oldest triton are the kernel test files themselves, run again in
 ``.venv-oldest`` by ``scripts/test_oldest.sh``; these tests pin what that run depends on.

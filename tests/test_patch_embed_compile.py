@@ -3,7 +3,11 @@
 * Every kernel, in every dtype and launch configuration :func:`patch_embed_config` can choose,
   compiled ahead of time for sm_80 and sm_90 (catches what the interpreter forgives), in
   subprocesses without the interpreter (this file run as a script, see
-  :func:`fastpatch.testing.compile_results_in_subprocesses`).
+  :func:`fastpatch.testing.compile_results_in_subprocesses`). Each is specialised as Triton's
+  runtime specialises it: the real launchers are called on CPU with DUSt3R's inputs (NCHW
+  float images of 224x224 and 512x384, batch 1 and 8; ``torch.empty``, nothing computed), their
+  launches recorded, and every distinct specialisation (unit strides folded to constants,
+  ``tt.divisibility = 16`` on 16-divisible pointers and integers) is compiled.
 * The ``fastpatch::`` custom ops pass ``torch.library.opcheck`` and trace under ``torch.compile``
   with ``fullgraph=True`` (no graph breaks), on the ``device`` fixture (interpreter on CPU, or
   compiled kernels on CUDA).
@@ -21,64 +25,90 @@ from fastpatch.kernels.patch_embed import (
     patch_embed_grad_image_kernel,
     patch_embed_grad_weight_kernel,
 )
+from fastpatch.launchers.patch_embed import patch_embed_forward, patch_embed_grad_image, patch_embed_grad_params
 from fastpatch.ops import patch_embed_triton  # noqa: F401  (registers the fastpatch:: ops)
 from fastpatch.testing import (
     SHARED_MEMORY_LIMIT,
     compile_results_in_subprocesses,
     compile_summary,
+    launch_specialization,
     print_compile_results,
+    recorded_launches,
+    selected_compile_cases,
 )
 from modes import cpu_ci_only
 
 KERNELS = [patch_embed_fwd_kernel, patch_embed_grad_weight_kernel, patch_embed_grad_image_kernel]
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+PATCH = 16
+#: DUSt3R inputs (batch, height, width): 224x224 (196 tokens) and 512x384 landscape storage (768 tokens).
+IMAGES = [(1, 224, 224), (8, 224, 224), (1, 384, 512), (8, 384, 512)]
+#: ViT-L's embedding width for the wide configs; the narrow ones (embed_dim <= 64) serve no DUSt3R
+#: model and are compiled for 64 channels.
+EMBED_DIMS = {True: 1024, False: 64}
 
 
 def _launchable():
-    """(capability, dtype, config) for every distinct config the table holds, each dtype it serves."""
+    """(capability, dtype, config, wide) for every distinct config the table holds, each dtype it serves."""
     seen = set()
-    for (capability, kind, _), config in PATCH_EMBED_CONFIGS.items():
+    for (capability, kind, wide), config in PATCH_EMBED_CONFIGS.items():
         for dtype in ([torch.float32] if kind == "fp32" else [torch.float16, torch.bfloat16]):
             if (capability, dtype, config) not in seen:
                 seen.add((capability, dtype, config))
-                yield capability, dtype, config
+                yield capability, dtype, config, wide
 
 
 def _compile_cases():
     """(case id, kernel, capability, dtype, config, options) for every compile the tests check."""
     for kernel in KERNELS:
-        for capability, dtype, config in _launchable():
+        for capability, dtype, config, wide in _launchable():
             case = f"{kernel.__name__}-sm{capability}-{TRITON_DTYPES[dtype]}-{'x'.join(map(str, config))}"
-            yield case, kernel, capability, dtype, config, {}
+            yield case, kernel, capability, dtype, config, dict(wide=wide)
         for capability in (80, 90):
             # The other constexpr paths: PatchEmbedDust3R (no ManyAR flags) with TF32 fp32 products.
             config = max(c for (cap, kind, _), c in PATCH_EMBED_CONFIGS.items() if cap == capability and kind == "fp32")
-            options = dict(many_ar=False, precision="tf32")
+            options = dict(wide=True, many_ar=False, precision="tf32")
             yield f"{kernel.__name__}-sm{capability}-fp32-plain-tf32", kernel, capability, torch.float32, config, options
 
 
-COMPILE_CASES = list(_compile_cases())
+COMPILE_CASES = selected_compile_cases(list(_compile_cases()))
 
 
-def _signature(kernel, dtype: torch.dtype):
-    element = TRITON_DTYPES[dtype]
-    special = {"portrait_ptr": "*i1", "pos_ptr": "*i64"}
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = special.get(name, f"*{element}")
-        else:
-            signature[name] = "i32"
-    return signature
+@functools.lru_cache(maxsize=None)
+def _recorded(image: tuple, embed_dim: int, dtype: torch.dtype, many_ar: bool):
+    """The launches of one forward + both backward launchers, recorded (nothing runs)."""
+    batch, height, width = image
+    img = torch.empty(batch, 3, height, width, dtype=dtype)
+    weight = torch.empty(embed_dim, 3, PATCH, PATCH, dtype=dtype)
+    bias = torch.empty(embed_dim, dtype=dtype)
+    portrait = torch.empty(batch, dtype=torch.bool) if many_ar else None
+    with recorded_launches(KERNELS) as launches:
+        tokens, _ = patch_embed_forward(img, weight, bias, PATCH, portrait)
+        grad_tokens = torch.empty_like(tokens)  # (B, N, E) contiguous, as the first block's backward gives it
+        patch_embed_grad_params(grad_tokens, img, weight, PATCH, portrait)
+        patch_embed_grad_image(grad_tokens, img, weight, PATCH, portrait)
+    return launches
 
 
-def _compile(kernel, capability, dtype, config, many_ar=True, precision="ieee"):
-    constexprs = dict(PATCH=16, MANY_AR=many_ar, UPCAST=False, DOT_PRECISION=precision,
+def _specializations(kernel, capability, dtype, config, wide=True, many_ar=True, precision="ieee"):
+    """[(image, spec)] for each distinct specialisation of ``kernel`` over :data:`IMAGES`."""
+    constexprs = dict(PATCH=PATCH, MANY_AR=many_ar, UPCAST=False, DOT_PRECISION=precision,
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-    return compile_summary(kernel, _signature(kernel, dtype), constexprs, capability,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
+    found = {}
+    for image in IMAGES:
+        for recorded_kernel, args, _ in _recorded(image, EMBED_DIMS[wide], dtype, many_ar):
+            if recorded_kernel is kernel:
+                spec = launch_specialization(kernel, {**args, **constexprs}, capability)
+                found.setdefault(spec.key(), ("x".join(map(str, image)), spec))
+    return list(found.values())
+
+
+def _compile(kernel, capability, dtype, config, **options):
+    results = []
+    for image, spec in _specializations(kernel, capability, dtype, config, **options):
+        summary = compile_summary(kernel, spec, capability, num_warps=config.num_warps, num_stages=config.num_stages)
+        results.append({"image": image, "divisible": list(spec.divisible_by_16), **summary})
+    return {"specializations": results}
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +123,28 @@ def compiled_cases():
 def test_compiles_for_gpu(compiled_cases, case, capability, dtype):
     result = compiled_cases[case]
     assert "error" not in result, result.get("error")
-    if dtype != torch.float32:  # half precision must run on the tensor cores
-        assert result["wgmma"] if capability == 90 else result["mma_sync"]
-    assert result["shared"] <= SHARED_MEMORY_LIMIT[capability]
+    assert result["specializations"]
+    for spec in result["specializations"]:
+        where = f"specialised for batch x height x width {spec['image']}"
+        if dtype != torch.float32:  # half precision must run on the tensor cores
+            assert spec["wgmma"] if capability == 90 else spec["mma_sync"], where
+        assert spec["shared"] <= SHARED_MEMORY_LIMIT[capability], where
+        assert spec["divisibility_hints"] == len(spec["divisible"]) > 0, where
+
+
+@cpu_ci_only
+def test_real_image_sizes_give_distinct_specialisations(compiled_cases):
+    """196 vs 768 tokens and 14 vs 32 columns differ in divisibility: each is compiled, none twice."""
+    case = next((c[0] for c in COMPILE_CASES if c[0].startswith("patch_embed_fwd_kernel-sm90-bf16") and c[5]["wide"]),
+                None)
+    if case is None:
+        pytest.skip("the Hopper bf16 forward is not selected by FASTPATCH_COMPILE_CASES")
+    assert "error" not in compiled_cases[case], compiled_cases[case]["error"]
+    found = compiled_cases[case]["specializations"]
+    divisible = [frozenset(spec["divisible"]) for spec in found]
+    assert len(divisible) == len(set(divisible)) == 3
+    assert any({"num_tokens", "grid_w"} <= d for d in divisible)  # 512x384
+    assert any(not {"num_tokens", "grid_w", "total_tokens"} & d for d in divisible)  # one 224x224 image
 
 
 def _inputs(device):
