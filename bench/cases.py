@@ -4,7 +4,7 @@ A benchmark file defines its :class:`Case` list and, per case, a dict of :class:
 (provider name -> a prepared, device-synchronised call on shared weights and inputs), then one test
 parametrised over ``(case, provider)`` that calls :func:`measure`. Provider names:
 
-* ``eager``: :mod:`fastpatch.reference` (upstream's op order; the baseline of every ratio and error);
+* ``eager``: :mod:`fastpatch.reference` (upstream's op order; the default baseline of ratios and errors);
 * ``torch_path``: fastpatch under ``use_backend("torch")`` (RoPE tables + SDPA, reshape + addmm);
   measured on CUDA only: on CPU it is exactly what ``fastpatch`` runs;
 * ``fastpatch``: the automatic choice (torch path on CPU, Triton kernels on CUDA);
