@@ -43,12 +43,12 @@ import fastpatch
 from fastpatch import backend, reference
 
 from .cases import BACKENDS, EAGER, FASTPATCH, TORCH_PATH, Case, make_step
+from .test_bench_attention import ROPE_BASE, eager_rope_attention, fastpatch_rope_attention
 
 CALLS = {"forward": 100, "forward_backward": 20}  # calls per timed round of fastpatch, by mode
 PARTNER_CALLS = 5  # calls per round of eager / torch_path: their meta kernels cost milliseconds per call
 ROUNDS = 10
 DEVICE = "meta"
-ROPE_BASE = 100.0
 PROVIDERS = [EAGER, TORCH_PATH, FASTPATCH]
 
 
@@ -100,16 +100,6 @@ def host_only() -> Iterator[None]:
             del kernel.run
 
 
-def _eager_rope_attention(q, k, v, pos):
-    rope = reference.RoPE2D(freq=ROPE_BASE)
-    q, k = rope(q, pos), rope(k, pos)
-    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
-
-
-def _fastpatch_rope_attention(q, k, v, pos):
-    return fastpatch.rope_attention(q, k, v, pos, pos, rope_base=ROPE_BASE)
-
-
 def _build_steps(case: Case) -> Dict[str, Callable[[], object]]:
     """provider -> one call (``bench.cases.make_step``; its device argument only picks the autocast and the
     synchronisation, so "cpu": no autocast, no sync) on meta inputs."""
@@ -118,8 +108,8 @@ def _build_steps(case: Case) -> Dict[str, Callable[[], object]]:
     if case.component == "rope_attention":
         q, k, v = (torch.empty((case.batch, 16, tokens, 64), dtype=case.dtype, device=case.device, requires_grad=grad)
                    for _ in range(3))
-        calls = {EAGER: _eager_rope_attention, TORCH_PATH: _fastpatch_rope_attention,
-                 FASTPATCH: _fastpatch_rope_attention}
+        calls = {EAGER: eager_rope_attention, TORCH_PATH: fastpatch_rope_attention,
+                 FASTPATCH: fastpatch_rope_attention}
         return {name: make_step(calls[name], (q, k, v, pos), case.mode, "cpu", BACKENDS[name]) for name in PROVIDERS}
     x = torch.empty((case.batch, tokens, 1024), dtype=case.dtype, device=case.device)
     modules = {name: namespace.Block(1024, 16, qkv_bias=True, rope=namespace.RoPE2D(freq=ROPE_BASE))
