@@ -119,6 +119,26 @@ def test_dot_precision_follows_the_cudnn_tf32_switch(monkeypatch, allow_tf32, dt
     assert recorder.launches[-1].constexprs["DOT_PRECISION"] == flipped
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch without per-operator TF32 settings")
+@pytest.mark.parametrize("conv_precision", ["tf32", "ieee"])
+def test_dot_precision_follows_the_per_operator_cudnn_conv_setting(monkeypatch, conv_precision):
+    """With torch's per-operator API (``cudnn.conv.fp32_precision`` differing from ``cudnn.rnn``'s), the
+    legacy ``cudnn.allow_tf32`` getter raises; the launch must still follow the conv setting."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    recorder = LaunchRecorder(monkeypatch, run=False)
+    img, weight, bias = (t.detach() for t in _inputs("meta"))
+    try:
+        cudnn.conv.fp32_precision = conv_precision
+        cudnn.rnn.fp32_precision = "ieee" if conv_precision == "tf32" else "tf32"
+        with pytest.raises(RuntimeError):  # what the launcher must not trip over
+            cudnn.allow_tf32
+        launchers.patch_embed_forward(img, weight, bias, 8)
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved
+    assert recorder.launches[-1].constexprs["DOT_PRECISION"] == conv_precision
+
+
 def test_empty_batch_launches_nothing(monkeypatch, device):
     """B = 0: empty tokens/positions, zero parameter gradients, an empty image gradient, no launch."""
     recorder = LaunchRecorder(monkeypatch, run=True)

@@ -32,6 +32,7 @@ from fastpatch.kernels.patch_embed import (
     patch_embed_grad_weight_kernel,
 )
 from fastpatch.launchers.device import launch_device
+from fastpatch.launchers.precision import conv_dot_precision
 
 __all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image"]
 
@@ -49,16 +50,6 @@ def _capability(device: torch.device) -> int:
     return 80
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """"tf32" for fp32 when torch allows TF32 in cuDNN convolutions (the op this one replaces), else "ieee".
-
-    Half dtypes ignore the switch (their products are exact in fp32 accumulation).
-    """
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
     """Config plus the constexpr/geometry arguments every kernel shares."""
     batch, _, height, width = img.shape
@@ -68,7 +59,7 @@ def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, po
         PATCH=patch_size,
         MANY_AR=portrait is not None,
         UPCAST=_UPCAST,
-        DOT_PRECISION=_dot_precision(img.dtype),
+        DOT_PRECISION=conv_dot_precision(img.dtype),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

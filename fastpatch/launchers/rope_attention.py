@@ -15,7 +15,8 @@ Inputs are assumed validated by :func:`fastpatch.rope_attention` (same device, d
 
 Every launch runs under :func:`~fastpatch.launchers.device.launch_device` of the inputs' device
 (Triton launches on the *current* CUDA device otherwise). float32 inputs use TF32 tensor cores
-exactly when torch's own fp32 matmuls would (:func:`dot_precision`), IEEE fp32 otherwise.
+exactly when torch's own fp32 matmuls would
+(:func:`~fastpatch.launchers.precision.matmul_dot_precision`), IEEE fp32 otherwise.
 
 Host overhead: what depends only on (device, dtype, head dim, dot precision) -- the config (and
 with it the device capability), the launch keywords of every kernel variant, placeholder tensors
@@ -41,8 +42,9 @@ from ..kernels.rope_attention_configs import (
 )
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
 from .device import launch_device
+from .precision import matmul_dot_precision
 
-__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "dot_precision", "launch_plan", "rope_rotate",
+__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "rope_rotate",
            "rope_attention_forward", "rope_attention_backward", "kernel_specializations"]
 
 #: True when the kernels run in the Triton interpreter: read once, from the kernel objects triton built
@@ -66,22 +68,6 @@ def rope_frequencies(rope_base: float, rope_f0: float, head_dim: int, device: to
             table = (rope_f0 * float(rope_base) ** -exponents).to(torch.float32).to(device)
         _FREQUENCY_CACHE[key] = table
     return table
-
-
-def _torch_uses_tf32() -> bool:
-    """Whether torch's own fp32 CUDA matmuls run on TF32 tensor cores (read at each call: users toggle it)."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        return bool(matmul.allow_tf32)  # also set by torch.set_float32_matmul_precision("high" | "medium")
-    except RuntimeError:  # torch >= 2.9 refuses the legacy getter once its new API was mixed in: ask that one
-        return matmul.fp32_precision == "tf32"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for ``dtype``: "tf32" for float32 when torch's fp32 matmuls use TF32
-    (``torch.backends.cuda.matmul.allow_tf32``, i.e. ``torch.get_float32_matmul_precision() != "highest"``),
-    else "ieee" (float16/bfloat16 always: the flag does not apply to them)."""
-    return "tf32" if dtype == torch.float32 and _torch_uses_tf32() else "ieee"
 
 
 def _kernel_keywords(config: KernelConfig, head_dim: int, rotate_flag: str, rope: bool, in_loop: bool,
@@ -243,7 +229,7 @@ def rope_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     device = q.device
-    plan = launch_plan(device, q.dtype, head_dim, dot_precision(q.dtype))
+    plan = launch_plan(device, q.dtype, head_dim, matmul_dot_precision(q.dtype))
     k_rotation = _resolve_k_rotation(k_rotation, plan.config)
     out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=device)
     lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=device)
@@ -287,7 +273,7 @@ def rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     device = q.device
-    plan = launch_plan(device, q.dtype, head_dim, dot_precision(q.dtype))
+    plan = launch_plan(device, q.dtype, head_dim, matmul_dot_precision(q.dtype))
     k_rotation = _resolve_k_rotation(k_rotation, plan.config)
     grad_q, grad_k, grad_v = _token_major_like(q), _token_major_like(k), _token_major_like(v)
     if grad_q.numel() == 0 or grad_k.numel() == 0:
