@@ -26,8 +26,9 @@ lookup, torch's TF32 switch (float32 only), the allocations and the launches.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -44,7 +45,7 @@ from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
 from .device import launch_device
 from .precision import matmul_dot_precision
 
-__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "rope_rotate",
+__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "override_config", "rope_rotate",
            "rope_attention_forward", "rope_attention_backward", "kernel_specializations"]
 
 #: True when the kernels run in the Triton interpreter: read once, from the kernel objects triton built
@@ -110,6 +111,15 @@ def _plan_keywords(config: RopeAttentionConfig, head_dim: int, precision: str, u
 _PLANS: Dict[Tuple[torch.device, torch.dtype, int, str], LaunchPlan] = {}
 
 
+def _build_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precision: str,
+                config: RopeAttentionConfig) -> LaunchPlan:
+    upcast_bf16 = dtype == torch.bfloat16 and INTERPRETED
+    with torch.inference_mode(False):
+        placeholders = (torch.zeros(1, dtype=torch.int64, device=device),
+                        torch.zeros(1, dtype=torch.float32, device=device))
+    return LaunchPlan(config, *_plan_keywords(config, head_dim, precision, upcast_bf16), *placeholders)
+
+
 def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precision: str) -> LaunchPlan:
     """The cached :class:`LaunchPlan` (CUDA: the device's capability; interpreter: the sm_80 entry).
 
@@ -121,13 +131,44 @@ def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precisi
     if plan is None:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         config = rope_attention_config(head_dim, dtype, capability, precision)
-        upcast_bf16 = dtype == torch.bfloat16 and INTERPRETED
-        with torch.inference_mode(False):
-            placeholders = (torch.zeros(1, dtype=torch.int64, device=device),
-                            torch.zeros(1, dtype=torch.float32, device=device))
-        plan = _PLANS[key] = LaunchPlan(config, *_plan_keywords(config, head_dim, precision, upcast_bf16),
-                                        *placeholders)
+        plan = _PLANS[key] = _build_plan(device, dtype, head_dim, precision, config)
     return plan
+
+
+def _check_kernel_config(name: str, config: KernelConfig) -> None:
+    for field in ("block_m", "block_n"):
+        size = getattr(config, field)
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}.{field} must be a power of two >= 16 (tl.dot's minimum), got {size}")
+    if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages < 1:
+        raise ValueError(f"{name}: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {config}")
+
+
+@contextmanager
+def override_config(config: RopeAttentionConfig, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    precision: str) -> Iterator[None]:
+    """Inside the block, calls on (``device``, ``dtype``, ``head_dim``, dot ``precision``) launch with ``config``
+    instead of the table's entry (tuning sweeps: ``bench/sweep_attention.py``); the table's plan is back after.
+
+    ``device`` must be the tensors' own device (``q.device``: ``cuda:0``, not ``cuda``). Not thread-safe.
+
+    Raises:
+        ValueError: a block size that is not a power of two >= 16, a warp count that is not a power of
+            two <= 16, ``num_stages < 1``, or an unknown ``k_rotation``.
+    """
+    for name in ("forward", "backward_dq", "backward_dkdv"):
+        _check_kernel_config(name, getattr(config, name))
+    _resolve_k_rotation(config.k_rotation, config)
+    key = (device, dtype, head_dim, precision)
+    saved = _PLANS.get(key)
+    _PLANS[key] = _build_plan(device, dtype, head_dim, precision, config)
+    try:
+        yield
+    finally:
+        if saved is None:
+            _PLANS.pop(key, None)
+        else:
+            _PLANS[key] = saved
 
 
 def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: int) -> List[Tuple[object, dict]]:

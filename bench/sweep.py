@@ -1,0 +1,164 @@
+"""Shared machinery of the launch-config sweeps (``bench/sweep_attention.py``, ``bench/sweep_patch_embed.py``).
+
+A sweep times every candidate config of a kernel on the GPU it runs on, checks each candidate's
+result against a float64 reference (a candidate that computes wrong numbers is never picked),
+and re-times the best candidate against the config table's current entry *interleaved* (A, B, A,
+B, ...) so the reported speedup is a side-by-side ratio. It is a one-off tuning tool, run by hand
+or by ``bench/gpu_tune.sh``: the chosen configs go into the kernels' config tables, whose
+docstrings point at the committed results; nothing autotunes at run time.
+
+Compiling is most of a sweep's cost on a fresh machine (one Triton compile per candidate, ~1-3 s
+each): :func:`precompile` spreads the candidates over worker processes that launch each one once
+on a small input with the same specialisation, filling Triton's on-disk cache, so the timing
+process only loads the binaries.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["Deadline", "time_ms", "interleaved_ratio", "total_ms", "step_table", "environment", "precompile",
+           "write_json", "shard"]
+
+#: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
+WARMUP_MS, REPETITION_MS = 10, 40
+#: Calls per measurement on CPU (the interpreter: only the sweep's own tests run there).
+CPU_REPETITIONS = 1
+
+
+class Deadline:
+    """Wall-clock budget of a sweep: :meth:`expired` once ``seconds`` have passed since creation."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of one ``fn()`` call: Triton's ``do_bench`` (CUDA events, L2 flushed) on CUDA,
+    a wall-clock median of :data:`CPU_REPETITIONS` calls elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=WARMUP_MS, rep=REPETITION_MS, return_mode="median"))
+    samples = []
+    for _ in range(CPU_REPETITIONS):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def interleaved_ratio(time_baseline: Callable[[], float], time_candidate: Callable[[], float],
+                      rounds: int = 5) -> Tuple[float, List[float], List[float]]:
+    """(median over rounds of baseline ms / candidate ms, baseline ms per round, candidate ms per round).
+
+    ``time_baseline`` / ``time_candidate`` each measure one side (e.g. :func:`time_ms` under a config
+    override) and are called alternately, so a drift in clocks or load hits both sides alike.
+    """
+    base, cand = [], []
+    for _ in range(rounds):
+        base.append(time_baseline())
+        cand.append(time_candidate())
+    return statistics.median(b / c for b, c in zip(base, cand)), base, cand
+
+
+def total_ms(row: Dict[str, object]) -> float:
+    """A candidate row's time summed over its shapes; infinite unless its status is ``ok``."""
+    return sum(row["ms"].values()) if row["status"] == "ok" and row["ms"] else float("inf")
+
+
+def _cell(value: Optional[float], spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def step_table(rows: List[Dict[str, object]], describe: Callable[[Dict[str, object]], str],
+               baseline: Dict[str, object], top: int = 8) -> List[str]:
+    """Markdown lines: the ``top`` fastest ``ok`` rows of one step and the table's entry (marked), then
+    a count of the wrong / failed ones. Rows are :func:`sweep_attention.measure`-style dicts; ``describe``
+    names a row's config; ``baseline`` is the config dict of the table's entry."""
+    shapes = list(next((r["ms"] for r in rows if r["ms"]), {}))
+    head = "| config | " + " | ".join(f"{s} ms | {s} TFLOP/s | {s} % peak" for s in shapes) + " | max rel err |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(shapes))]
+    ranked = sorted((r for r in rows if r["status"] == "ok"), key=total_ms)
+    shown = ranked[:top] + [r for r in ranked[top:] if r["config"] == baseline]
+    for row in shown:
+        mark = " (table)" if row["config"] == baseline else ""
+        cells = " | ".join(f"{_cell(row['ms'].get(s), '.4g')} | {_cell(row['tflops'].get(s), '.1f')} | "
+                           f"{_cell(row['percent_peak'].get(s), '.1f')}" for s in shapes)
+        lines.append(f"| {describe(row)}{mark} | {cells} | {max(row['error'].values()):.2e} |")
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        lines.append("")
+        lines.append(f"{len(bad)} candidate(s) not ranked: " + "; ".join(
+            f"{describe(r)}: {r['status'][:160]}" for r in bad))
+    return lines
+
+
+def _git_commit() -> Tuple[str, Optional[bool]]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return commit or "unknown", dirty
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device, versions, commit and UTC date of a sweep, for its JSON and markdown headers."""
+    import triton
+
+    commit, dirty = _git_commit()
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "processor": platform.processor() or platform.machine(), "commit": commit, "dirty": dirty,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def shard(items: Sequence, parts: int) -> List[List]:
+    """``items`` dealt round-robin into at most ``parts`` non-empty lists."""
+    parts = max(1, min(parts, len(items)))
+    return [list(items[i::parts]) for i in range(parts)]
+
+
+def precompile(worker: Callable[[List], Dict[str, str]], jobs: Sequence, workers: int) -> Dict[str, str]:
+    """Run ``worker`` on ``workers`` shards of ``jobs`` in spawned processes; returns the merged
+    ``{job key: error message}`` of the jobs that failed (typically Triton's out-of-resources).
+
+    ``worker`` must be a module-level function (it is pickled by name). ``workers <= 0`` or a single
+    job runs nothing: the timing process then compiles each candidate on first use.
+    """
+    if workers <= 0 or len(jobs) <= 1:
+        return {}
+    failures: Dict[str, str] = {}
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for result in pool.map(worker, shard(jobs, workers)):
+            failures.update(result)
+    return failures
+
+
+def write_json(path: str, document: Dict[str, object]) -> None:
+    """Write ``document`` to ``path`` atomically (a sweep cut short by its timeout keeps the last full write)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,406 @@
+"""Launch-config sweep of the RoPE flash-attention kernels at DUSt3R's shapes (run on a GPU).
+
+    python -m bench.sweep_attention --out DIR [--budget-s S] [--workers N] [--variants bf16,tf32,fp16,fp32]
+
+Shapes (512x384 images: 768 tokens on a 24x32 grid, head dim 64, batch 8): the encoder's 16 heads
+and the decoder's 12, q/k/v as strided views of a fused ``(B, N, 3, H, Dh)`` qkv projection as in
+the real blocks, RoPE100 on q and k. Per variant -- ``bf16``, ``fp16``, ``tf32`` (float32 on TF32
+tensor cores, torch's TF32 switch on) and ``fp32`` (IEEE float32) -- in that order, four steps:
+
+1. ``forward``: every candidate :class:`KernelConfig` of the forward kernel (backward: the table's);
+2. ``backward_dq``: candidates of the dQ kernel, timed as the whole backward (dK/dV: the table's);
+3. ``backward_dkdv``: candidates of the dK/dV kernel, with step 2's best dQ config;
+4. ``k_rotation``: the best configs with keys rotated inside the loop vs pre-rotated once by the RoPE
+   kernel (:data:`~fastpatch.kernels.rope_attention_configs.K_ROTATIONS`), forward + backward.
+
+Candidates are the table's entry plus a grid of tile sizes, warps and stages (:data:`GRIDS`); the
+best is the least time summed over both shapes among the candidates whose outputs (and gradients)
+match a float64 reference within :data:`fastpatch.testing.TOLERANCES`, and it is re-timed
+against the table's entry interleaved (:func:`bench.sweep.interleaved_ratio`).
+
+Writes ``DIR/sweep-attention.json`` after every step (environment, every candidate with its ms per
+shape, TFLOP/s, % of dense peak, relative error and status, the interleaved comparisons) and
+``DIR/sweep-attention.md`` at the end. ``--budget-s`` stops starting new steps once spent.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import sys
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastpatch.kernels.rope_attention_configs import (
+    K_ROTATIONS,
+    KernelConfig,
+    RopeAttentionConfig,
+    rope_attention_config,
+)
+from fastpatch.launchers.rope_attention import override_config, rope_attention_backward, rope_attention_forward
+from fastpatch.ops.rope_attention_torch import rope_attention_torch
+from fastpatch.testing import TOLERANCES, relative_error
+
+from . import flops
+from .report import peak_tflops
+from .sweep import Deadline, environment, interleaved_ratio, precompile, step_table, time_ms, total_ms, write_json
+
+__all__ = ["SHAPES", "VARIANTS", "GRIDS", "STEPS", "candidates", "make_inputs", "main"]
+
+HEAD_DIM = 64
+ROPE_BASE, ROPE_F0 = 100.0, 1.0
+GRID_COLS = 32  # 24 x 32 patch grid at 512x384
+#: name -> (batch, heads, tokens)
+SHAPES: Dict[str, Tuple[int, int, int]] = {"encoder": (8, 16, 768), "decoder": (8, 12, 768)}
+#: name -> (storage dtype, dot precision)
+VARIANTS: Dict[str, Tuple[torch.dtype, str]] = {
+    "bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
+    "tf32": (torch.float32, "tf32"), "fp32": (torch.float32, "ieee"),
+}
+STEPS = ("forward", "backward_dq", "backward_dkdv", "k_rotation")
+#: (precision class, kernel) -> (block_m, block_n, num_warps, num_stages) values crossed into candidates.
+#: IEEE fp32 takes twice the registers per operand and has no tensor-core pipeline: small tiles, 1 stage.
+GRIDS: Dict[Tuple[str, str], Tuple[Tuple[int, ...], ...]] = {
+    ("half", "forward"): ((64, 128), (32, 64, 128), (4, 8), (2, 3)),
+    ("half", "backward_dq"): ((64, 128), (32, 64), (4, 8), (1, 2)),
+    ("half", "backward_dkdv"): ((32, 64, 128), (64, 128), (4, 8), (1, 2)),
+    ("tf32", "forward"): ((64, 128), (32, 64), (4, 8), (1, 2)),
+    ("tf32", "backward_dq"): ((64, 128), (32, 64), (4, 8), (1, 2)),
+    ("tf32", "backward_dkdv"): ((32, 64), (32, 64, 128), (4, 8), (1, 2)),
+    ("ieee", "forward"): ((32, 64), (32, 64), (4, 8), (1,)),
+    ("ieee", "backward_dq"): ((32, 64), (32, 64), (4, 8), (1,)),
+    ("ieee", "backward_dkdv"): ((32, 64), (32, 64), (4, 8), (1,)),
+}
+#: ``--quick``: one extra candidate per kernel (the sweep's own tests, in the interpreter).
+QUICK_GRID = ((32,), (32,), (4,), (1,))
+
+
+def _precision_class(variant: str) -> str:
+    dtype, precision = VARIANTS[variant]
+    return "half" if dtype != torch.float32 else precision
+
+
+def table_config(variant: str, device: torch.device) -> RopeAttentionConfig:
+    """The config table's entry for ``variant`` on ``device`` (the sweep's baseline)."""
+    dtype, precision = VARIANTS[variant]
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return rope_attention_config(HEAD_DIM, dtype, capability, precision)
+
+
+def candidates(variant: str, kernel: str, table: RopeAttentionConfig, quick: bool = False) -> List[KernelConfig]:
+    """The table's ``kernel`` config first, then the grid's other configs (:data:`GRIDS` or :data:`QUICK_GRID`)."""
+    grid = QUICK_GRID if quick else GRIDS[(_precision_class(variant), kernel)]
+    current = getattr(table, kernel)
+    crossed = [KernelConfig(m, n, w, s) for m in grid[0] for n in grid[1] for w in grid[2] for s in grid[3]]
+    return [current] + [c for c in crossed if c != current]
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One shape's tensors: q, k, v (B, H, N, Dh) views of a (B, N, 3, H, Dh) buffer, positions (B, N, 2),
+    the upstream gradient (B, N, H, Dh), and the float64 reference output and gradients (filled lazily)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    grad_out: torch.Tensor
+    reference: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+def make_inputs(shape: Tuple[int, int, int], dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    """Random inputs of ``shape`` = (batch, heads, tokens) in the real blocks' memory layout."""
+    batch, heads, tokens = shape
+    generator = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3, heads, HEAD_DIM, generator=generator).to(device=device, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cols = GRID_COLS if tokens % GRID_COLS == 0 else tokens
+    index = torch.arange(tokens)
+    pos = torch.stack((index // cols, index % cols), dim=-1).expand(batch, tokens, 2).contiguous().to(device)
+    grad_out = torch.randn(batch, tokens, heads, HEAD_DIM, generator=generator).to(device=device, dtype=dtype)
+    return Inputs(q, k, v, pos, grad_out)
+
+
+def _reference(inputs: Inputs) -> Tuple[torch.Tensor, ...]:
+    """float64 (out (B, N, H, Dh), dq, dk, dv) of the torch path, computed once per shape."""
+    if inputs.reference is None:
+        q, k, v = (t.detach().double().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+        with torch.enable_grad():
+            out = rope_attention_torch(q, k, v, inputs.pos, inputs.pos, ROPE_BASE, ROPE_F0, HEAD_DIM ** -0.5)
+            out.backward(inputs.grad_out.double().transpose(1, 2))
+        inputs.reference = (out.detach().transpose(1, 2), q.grad, k.grad, v.grad)
+    return inputs.reference
+
+
+def _forward(inputs: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    return rope_attention_forward(inputs.q, inputs.k, inputs.v, inputs.pos, inputs.pos, ROPE_BASE, ROPE_F0,
+                                  HEAD_DIM ** -0.5)
+
+
+def _backward(inputs: Inputs, out: torch.Tensor, lse: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    return rope_attention_backward(inputs.grad_out, inputs.q, inputs.k, inputs.v, out, lse, inputs.pos, inputs.pos,
+                                   ROPE_BASE, ROPE_F0, HEAD_DIM ** -0.5)
+
+
+def _timed_call(step: str, inputs: Inputs) -> Callable[[], object]:
+    """What a step times: the forward, the backward alone (forward outputs made once), or both."""
+    if step == "forward":
+        return lambda: _forward(inputs)
+    if step in ("backward_dq", "backward_dkdv"):
+        out, lse = _forward(inputs)
+        return lambda: _backward(inputs, out, lse)
+    return lambda: _backward(inputs, *_forward(inputs))
+
+
+def _errors(step: str, inputs: Inputs) -> Dict[str, float]:
+    """Relative errors of the forward output (and, past step 1, the gradients) vs the float64 reference."""
+    out, lse = _forward(inputs)
+    reference = _reference(inputs)
+    errors = {"out": relative_error(out, reference[0])}
+    if step != "forward":
+        for name, grad, expected in zip(("dq", "dk", "dv"), _backward(inputs, out, lse), reference[1:]):
+            errors[name] = relative_error(grad, expected)
+    return errors
+
+
+def _flops(step: str, shape: Tuple[int, int, int]) -> float:
+    batch, heads, tokens = shape
+    forward = flops.attention_core(batch, heads, tokens, tokens, HEAD_DIM)
+    backward = (flops.FWD_BWD_ATTENTION - 1.0) * forward
+    return {"forward": forward, "k_rotation": forward + backward}.get(step, backward)
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """torch's fp32 matmul TF32 switch set for ``precision`` (what the launchers read), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _config_dict(config: RopeAttentionConfig) -> Dict[str, object]:
+    return dataclasses.asdict(config)
+
+
+def _tolerance(variant: str, step: str) -> float:
+    dtype, precision = VARIANTS[variant]
+    tolerance = TOLERANCES["tf32" if precision == "tf32" else dtype]
+    return tolerance.forward if step == "forward" else tolerance.backward
+
+
+def measure(variant: str, step: str, config: RopeAttentionConfig, shapes: Dict[str, Inputs],
+            device: torch.device, peak: Optional[float]) -> Dict[str, object]:
+    """One candidate: errors, then ms / TFLOP/s / % of ``peak`` per shape; ``status`` is ``ok``,
+    ``wrong`` (an error above the tolerance: never picked) or ``failed: <exception>``."""
+    dtype, precision = VARIANTS[variant]
+    row: Dict[str, object] = {"variant": variant, "step": step, "config": _config_dict(config), "ms": {},
+                              "tflops": {}, "percent_peak": {}, "error": {}, "status": "ok"}
+    try:
+        with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
+            for name, inputs in shapes.items():
+                errors = _errors(step, inputs)
+                row["error"][name] = max(errors.values())
+                if row["error"][name] > _tolerance(variant, step):
+                    row["status"] = f"wrong: {errors} above {_tolerance(variant, step)}"
+                ms = time_ms(_timed_call(step, inputs), device)
+                tflops = _flops(step, tuple(inputs.q.shape[:3])) / ms * 1e-9
+                row["ms"][name], row["tflops"][name] = ms, tflops
+                row["percent_peak"][name] = None if peak is None else 100.0 * tflops / peak
+    except Exception as error:  # noqa: BLE001 -- a candidate that cannot compile or launch is data, not a crash
+        row["status"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+    return row
+
+
+def _with(config: RopeAttentionConfig, step: str, value) -> RopeAttentionConfig:
+    field = "k_rotation" if step == "k_rotation" else step
+    return dataclasses.replace(config, **{field: value})
+
+
+def _step_options(variant: str, step: str, base: RopeAttentionConfig, table: RopeAttentionConfig, quick: bool):
+    """The configs step ``step`` times: ``base`` with each candidate of the step's kernel (or K rotation)."""
+    if step == "k_rotation":
+        rotations = [table.k_rotation] + [r for r in K_ROTATIONS if r != table.k_rotation]
+        return [_with(base, step, rotation) for rotation in rotations]
+    return [_with(base, step, candidate) for candidate in candidates(variant, step, table, quick)]
+
+
+def _peak(device: torch.device, variant: str) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    dtype, precision = VARIANTS[variant]
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "tfloat32" if precision == "tf32"
+                                                                      else "float32")
+    return peak_tflops(torch.cuda.get_device_name(device), name)
+
+
+def _compile_worker(jobs: List[Tuple[str, str, Dict[str, object], Tuple[int, int, int]]]) -> Dict[str, str]:
+    """Precompile worker (a spawned process): launch each (variant, step, config, shape) once at batch 1
+    (same specialisation as the timed batch-8 call: batch is only in the grid), filling Triton's cache."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    failures = {}
+    for variant, step, config, shape in jobs:
+        dtype, precision = VARIANTS[variant]
+        config = _config_from_dict(config)
+        inputs = make_inputs((1,) + tuple(shape[1:]), dtype, device)
+        try:
+            with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
+                _timed_call(step, inputs)()
+        except Exception as error:  # noqa: BLE001 -- reported, the timing process skips nothing on its own
+            failures[repr((variant, step, config, shape))] = f"{type(error).__name__}: {error}"
+    return failures
+
+
+def _config_from_dict(config: Dict[str, object]) -> RopeAttentionConfig:
+    kernels = {name: KernelConfig(**config[name]) for name in ("forward", "backward_dq", "backward_dkdv")}
+    return RopeAttentionConfig(rope_block=config["rope_block"], k_rotation=config["k_rotation"], **kernels)
+
+
+def _precompile_jobs(variants: Sequence[str], shapes: Dict[str, Tuple[int, int, int]], device: torch.device,
+                     quick: bool):
+    """Every candidate of steps 1-3 (with table partners) per shape: what the workers compile."""
+    jobs = []
+    for variant in variants:
+        table = table_config(variant, device)
+        for step in STEPS[:3]:
+            for config in _step_options(variant, step, table, table, quick):
+                jobs += [(variant, step, _config_dict(config), shape) for shape in shapes.values()]
+    return jobs
+
+
+def _compare(variant: str, step: str, table: RopeAttentionConfig, best: RopeAttentionConfig,
+             shapes: Dict[str, Inputs], device: torch.device, rounds: int) -> Dict[str, object]:
+    """The best config vs the table's entry, timed interleaved per shape: ratio > 1 means the best is faster."""
+    dtype, precision = VARIANTS[variant]
+    result = {"variant": variant, "step": step, "table": _config_dict(table), "best": _config_dict(best), "ratio": {}}
+    for name, inputs in shapes.items():
+        def timer(config: RopeAttentionConfig) -> Callable[[], float]:
+            def time_config() -> float:
+                with override_config(config, device, dtype, HEAD_DIM, precision):
+                    return time_ms(_timed_call(step, inputs), device)
+            return time_config
+        with _matmul_precision(precision):
+            ratio, base, cand = interleaved_ratio(timer(table), timer(best), rounds)
+        result["ratio"][name] = {"ratio": ratio, "table_ms": base, "best_ms": cand}
+    return result
+
+
+def run(out_dir: str, variants: Sequence[str], shapes: Dict[str, Tuple[int, int, int]], device: torch.device,
+        budget_s: Optional[float] = None, workers: int = 0, quick: bool = False,
+        log: Callable[[str], None] = print) -> Dict[str, object]:
+    """The sweep (see the module docstring); returns the JSON document it wrote."""
+    deadline = Deadline(budget_s)
+    path = os.path.join(out_dir, "sweep-attention.json")
+    document: Dict[str, object] = {"environment": environment(device), "shapes": shapes, "head_dim": HEAD_DIM,
+                                   "rows": [], "comparisons": [], "chosen": {}, "skipped": [], "precompile": {}}
+    if device.type == "cuda":
+        jobs = _precompile_jobs(variants, shapes, device, quick)
+        document["precompile"] = precompile(_compile_worker, jobs, workers)
+    for variant in variants:
+        dtype, _ = VARIANTS[variant]
+        table = table_config(variant, device)
+        peak = _peak(device, variant)
+        inputs = {name: make_inputs(shape, dtype, device, seed) for seed, (name, shape) in enumerate(shapes.items())}
+        best = table
+        for step in STEPS:
+            if deadline.expired():
+                document["skipped"].append(f"{variant} {step}")
+                continue
+            rows = [measure(variant, step, option, inputs, device, peak)
+                    for option in _step_options(variant, step, best, table, quick)]
+            document["rows"] += rows
+            winner = min(rows, key=total_ms)
+            if total_ms(winner) < float("inf"):
+                best = _config_from_dict(winner["config"])
+                document["comparisons"].append(_compare(variant, step, table, best, inputs, device, 1 if quick else 5))
+            log(f"{variant} {step}: {len(rows)} candidates, best {_describe(step)(winner)} {winner['ms']} ms")
+            write_json(path, document)
+        document["chosen"][variant] = _config_dict(best)
+        write_json(path, document)
+    return document
+
+
+def _describe(step: str) -> Callable[[Dict[str, object]], str]:
+    def describe(row: Dict[str, object]) -> str:
+        if step == "k_rotation":
+            return row["config"]["k_rotation"]
+        c = row["config"][step]
+        return f"M{c['block_m']} N{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+    return describe
+
+
+def markdown(document: Dict[str, object]) -> str:
+    """The sweep's report: environment, per variant and step the ranked candidates, the interleaved
+    best-vs-table ratios and the chosen configs (to copy into ``kernels/rope_attention_configs.py``)."""
+    env = document["environment"]
+    lines = ["# RoPE attention launch-config sweep", "",
+             f"- device: {env['device']} (capability {env['capability']}), torch {env['torch']}, "
+             f"triton {env['triton']}, CUDA {env['cuda']}",
+             f"- commit: {env['commit']}{' (uncommitted changes)' if env['dirty'] else ''}, {env['date']}",
+             f"- shapes (B, H, N) at head dim {document['head_dim']}: " +
+             ", ".join(f"{k} {tuple(v)}" for k, v in document["shapes"].items()),
+             "- ms: " + ("median of triton.testing.do_bench (L2 flushed)" if env["capability"] else
+                         "one wall-clock call (Triton interpreter: a functional check, not a timing)") +
+             "; TFLOP/s from bench/flops.py (backward: 2.5x the forward)",
+             ""]
+    if document["precompile"]:
+        lines += [f"- precompile failures: {len(document['precompile'])} (listed in the JSON)", ""]
+    if document["skipped"]:
+        lines += ["- not run (budget spent): " + ", ".join(document["skipped"]), ""]
+    for variant in VARIANTS:
+        for step in STEPS:
+            rows = [r for r in document["rows"] if r["variant"] == variant and r["step"] == step]
+            if not rows:
+                continue
+            comparison = next((c for c in document["comparisons"]
+                               if c["variant"] == variant and c["step"] == step), None)
+            baseline = rows[0]["config"]  # each step times the table's option first
+            lines += [f"## {variant} {step}", ""] + step_table(rows, _describe(step), baseline) + [""]
+            if comparison:
+                ratios = ", ".join(f"{name} {r['ratio']:.3f}x" for name, r in comparison["ratio"].items())
+                same = " (the best is the table's entry: the spread of the timing)" if (
+                    comparison["best"] == comparison["table"]) else ""
+                lines += [f"Best so far vs the table's entry, interleaved (> 1: best faster): {ratios}{same}", ""]
+    if document["chosen"]:
+        lines += ["## Chosen configs", ""]
+        lines += [f"- {variant}: {config}" for variant, config in document["chosen"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="results folder (created)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--shape", action="append", metavar="NAME=B,H,N",
+                        help="replace the DUSt3R shapes (repeatable), e.g. tiny=1,2,32")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new step after this many seconds")
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                        help="precompile processes (CUDA only; 0 compiles while timing)")
+    parser.add_argument("--quick", action="store_true", help="one extra candidate per kernel (tests)")
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    shapes = dict(SHAPES)
+    if args.shape:
+        shapes = {}
+        for spec in args.shape:
+            name, _, sizes = spec.partition("=")
+            shapes[name] = tuple(int(s) for s in sizes.split(","))
+            if len(shapes[name]) != 3:
+                parser.error(f"--shape {spec!r}: expected NAME=B,H,N")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    os.makedirs(args.out, exist_ok=True)
+    document = run(args.out, variants, shapes, device, args.budget_s, args.workers, args.quick)
+    with open(os.path.join(args.out, "sweep-attention.md"), "w") as f:
+        f.write(markdown(document))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
