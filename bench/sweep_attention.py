@@ -240,8 +240,9 @@ def _peak(device: torch.device, variant: str) -> Optional[float]:
 
 def _compile_worker(jobs: List[Tuple[str, str, Dict[str, object], Tuple[int, int, int]]]) -> Dict[str, str]:
     """Precompile worker (a spawned process): launch each (variant, step, config, shape) once at batch 1
-    (same specialisation as the timed batch-8 call: batch is only in the grid), filling Triton's cache."""
-    device = torch.device("cuda", torch.cuda.current_device())
+    (same specialisation as the timed batch-8 call: batch is only in the grid), filling Triton's cache.
+    Returns ``{job: error}`` for the jobs that raised."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     failures = {}
     for variant, step, config, shape in jobs:
         dtype, precision = VARIANTS[variant]

@@ -101,3 +101,16 @@ def test_candidates_start_with_the_table_entry_and_have_no_duplicates():
         options = sweep_attention.candidates("bf16", kernel, table)
         assert options[0] == getattr(table, kernel)
         assert len(options) == len(set(options)) > 8
+
+
+def test_precompile_workers_run_every_job_and_report_failures():
+    """Two spawned workers (the interpreter here, inherited TRITON_INTERPRET): good jobs pass, a config
+    the launcher rejects comes back as a failure keyed by its job."""
+    table = rope_attention_config(64, torch.float32, None, "ieee")
+    good = dataclasses.asdict(table)
+    bad = dataclasses.asdict(dataclasses.replace(table, forward=KernelConfig(48, 32, 4, 1)))
+    jobs = [("fp32", "forward", good, (1, 2, 32)), ("fp32", "forward", bad, (1, 2, 32))]
+    failures = sweep_attention.precompile(sweep_attention._compile_worker, jobs, workers=2)
+    assert len(failures) == 1
+    [(job, message)] = failures.items()
+    assert "48" in job and "ValueError" in message and "power of two" in message
