@@ -25,12 +25,13 @@ from typing import Dict, List, Optional
 
 __all__ = ["PEAK_TFLOPS", "load_rows", "peak_tflops", "ratio", "markdown", "plot", "main"]
 
-# Dense peak TFLOP/s per device-name fragment (first match wins): tensor-core bf16/fp16, plain fp32.
+# Dense peak TFLOP/s per device-name fragment (first match wins): tensor-core bf16/fp16, TF32 tensor
+# cores ("tfloat32": float32 with torch's TF32 switch on), plain fp32 FMA.
 PEAK_TFLOPS = [
-    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.0}),
-    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
-    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}),
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "tfloat32": 378.0, "float32": 51.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "tfloat32": 495.0, "float32": 67.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "tfloat32": 495.0, "float32": 67.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "tfloat32": 156.0, "float32": 19.5}),
 ]
 PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "upstream_loop", "fastpatch", "triton_in_loop",
                   "triton_pre_rotated"]
