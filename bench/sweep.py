@@ -15,6 +15,7 @@ process only loads the binaries.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import multiprocessing
@@ -23,12 +24,12 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Deadline", "time_ms", "interleaved_ratio", "total_ms", "step_table", "environment", "precompile",
-           "write_json", "shard"]
+__all__ = ["Deadline", "time_ms", "interleaved_ratio", "total_ms", "step_table", "environment", "compile_pool",
+           "precompile", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
 WARMUP_MS, REPETITION_MS = 10, 40
@@ -139,20 +140,30 @@ def shard(items: Sequence, parts: int) -> List[List]:
     return [list(items[i::parts]) for i in range(parts)]
 
 
-def precompile(worker: Callable[[List], Dict[str, str]], jobs: Sequence, workers: int) -> Dict[str, str]:
-    """Run ``worker`` on ``workers`` shards of ``jobs`` in spawned processes; returns the merged
-    ``{job key: error message}`` of the jobs that failed (typically Triton's out-of-resources).
-
-    ``worker`` must be a module-level function (it is pickled by name). ``workers <= 0`` or a single
-    job runs nothing: the timing process then compiles each candidate on first use.
-    """
-    if workers <= 0 or len(jobs) <= 1:
-        return {}
-    failures: Dict[str, str] = {}
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
+@contextlib.contextmanager
+def compile_pool(workers: int) -> Iterator[Optional[concurrent.futures.Executor]]:
+    """``workers`` spawned processes for :func:`precompile` (CUDA cannot be re-initialised in a forked
+    child), or None for ``workers <= 0`` (the timing process then compiles each candidate on first use)."""
+    if workers <= 0:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for result in pool.map(worker, shard(jobs, workers)):
-            failures.update(result)
+        yield pool
+
+
+def precompile(pool: Optional[concurrent.futures.Executor], worker: Callable[[List], Dict[str, str]],
+               jobs: Sequence, workers: int) -> Dict[str, str]:
+    """Run ``worker`` on ``workers`` shards of ``jobs`` in ``pool`` (from :func:`compile_pool`); returns the
+    merged ``{job key: error message}`` of the jobs that failed (typically Triton's out-of-resources).
+
+    ``worker`` must be a module-level function (it is pickled by name). Nothing runs without a pool.
+    """
+    failures: Dict[str, str] = {}
+    if pool is None or not jobs:
+        return failures
+    for result in pool.map(worker, shard(jobs, workers)):
+        failures.update(result)
     return failures
 
 

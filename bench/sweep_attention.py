@@ -45,7 +45,17 @@ from fastpatch.testing import TOLERANCES, relative_error
 
 from . import flops
 from .report import peak_tflops
-from .sweep import Deadline, environment, interleaved_ratio, precompile, step_table, time_ms, total_ms, write_json
+from .sweep import (
+    Deadline,
+    compile_pool,
+    environment,
+    interleaved_ratio,
+    precompile,
+    step_table,
+    time_ms,
+    total_ms,
+    write_json,
+)
 
 __all__ = ["SHAPES", "VARIANTS", "GRIDS", "STEPS", "candidates", "make_inputs", "main"]
 
@@ -261,15 +271,13 @@ def _config_from_dict(config: Dict[str, object]) -> RopeAttentionConfig:
     return RopeAttentionConfig(rope_block=config["rope_block"], k_rotation=config["k_rotation"], **kernels)
 
 
-def _precompile_jobs(variants: Sequence[str], shapes: Dict[str, Tuple[int, int, int]], device: torch.device,
+def _precompile_jobs(variant: str, shapes: Dict[str, Tuple[int, int, int]], table: RopeAttentionConfig,
                      quick: bool):
-    """Every candidate of steps 1-3 (with table partners) per shape: what the workers compile."""
+    """Every candidate of steps 1-3 of ``variant`` (table partners) per shape: what the workers compile."""
     jobs = []
-    for variant in variants:
-        table = table_config(variant, device)
-        for step in STEPS[:3]:
-            for config in _step_options(variant, step, table, table, quick):
-                jobs += [(variant, step, _config_dict(config), shape) for shape in shapes.values()]
+    for step in STEPS[:3]:
+        for config in _step_options(variant, step, table, table, quick):
+            jobs += [(variant, step, _config_dict(config), shape) for shape in shapes.values()]
     return jobs
 
 
@@ -298,31 +306,40 @@ def run(out_dir: str, variants: Sequence[str], shapes: Dict[str, Tuple[int, int,
     path = os.path.join(out_dir, "sweep-attention.json")
     document: Dict[str, object] = {"environment": environment(device), "shapes": shapes, "head_dim": HEAD_DIM,
                                    "rows": [], "comparisons": [], "chosen": {}, "skipped": [], "precompile": {}}
-    if device.type == "cuda":
-        jobs = _precompile_jobs(variants, shapes, device, quick)
-        document["precompile"] = precompile(_compile_worker, jobs, workers)
-    for variant in variants:
-        dtype, _ = VARIANTS[variant]
-        table = table_config(variant, device)
-        peak = _peak(device, variant)
-        inputs = {name: make_inputs(shape, dtype, device, seed) for seed, (name, shape) in enumerate(shapes.items())}
-        best = table
-        for step in STEPS:
-            if deadline.expired():
-                document["skipped"].append(f"{variant} {step}")
-                continue
-            rows = [measure(variant, step, option, inputs, device, peak)
-                    for option in _step_options(variant, step, best, table, quick)]
-            document["rows"] += rows
-            winner = min(rows, key=total_ms)
-            if total_ms(winner) < float("inf"):
-                best = _config_from_dict(winner["config"])
-                document["comparisons"].append(_compare(variant, step, table, best, inputs, device, 1 if quick else 5))
-            log(f"{variant} {step}: {len(rows)} candidates, best {_describe(step)(winner)} {winner['ms']} ms")
-            write_json(path, document)
-        document["chosen"][variant] = _config_dict(best)
-        write_json(path, document)
+    with compile_pool(workers if device.type == "cuda" else 0) as pool:
+        for variant in variants:
+            _sweep_variant(document, path, variant, shapes, device, deadline, pool, workers, quick, log)
     return document
+
+
+def _sweep_variant(document: Dict[str, object], path: str, variant: str, shapes: Dict[str, Tuple[int, int, int]],
+                   device: torch.device, deadline: Deadline, pool, workers: int, quick: bool,
+                   log: Callable[[str], None]) -> None:
+    """Steps 1-4 of one variant, appending to ``document`` and rewriting ``path`` after each."""
+    dtype, _ = VARIANTS[variant]
+    table = table_config(variant, device)
+    if not deadline.expired():
+        document["precompile"].update(precompile(pool, _compile_worker, _precompile_jobs(variant, shapes, table, quick),
+                                                 workers))
+    peak = _peak(device, variant)
+    inputs = {name: make_inputs(shape, dtype, device, seed) for seed, (name, shape) in enumerate(shapes.items())}
+    best = table
+    for step in STEPS:
+        if deadline.expired():
+            document["skipped"].append(f"{variant} {step}")
+            continue
+        rows = [measure(variant, step, option, inputs, device, peak)
+                for option in _step_options(variant, step, best, table, quick)]
+        document["rows"] += rows
+        winner = min(rows, key=total_ms)
+        if total_ms(winner) < float("inf"):
+            best = _config_from_dict(winner["config"])
+            document["comparisons"].append(_compare(variant, step, table, best, inputs, device, 1 if quick else 5))
+        log(f"{variant} {step}: {len(rows)} candidates, best {_describe(step)(winner)} {winner['ms']} ms")
+        write_json(path, document)
+    if any(row["variant"] == variant for row in document["rows"]):
+        document["chosen"][variant] = _config_dict(best)
+    write_json(path, document)
 
 
 def _describe(step: str) -> Callable[[Dict[str, object]], str]:

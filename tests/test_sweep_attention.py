@@ -92,6 +92,7 @@ def test_budget_skips_steps_and_says_so(tmp_path, device):
     document = sweep_attention.run(str(tmp_path), ["fp32"], TINY, device, budget_s=0.0, quick=True,
                                    log=lambda line: None)
     assert document["rows"] == [] and document["skipped"] == [f"fp32 {s}" for s in sweep_attention.STEPS]
+    assert document["chosen"] == {}  # nothing measured, nothing chosen
     assert "not run (budget spent): fp32 forward" in sweep_attention.markdown(document)
 
 
@@ -110,7 +111,8 @@ def test_precompile_workers_run_every_job_and_report_failures():
     good = dataclasses.asdict(table)
     bad = dataclasses.asdict(dataclasses.replace(table, forward=KernelConfig(48, 32, 4, 1)))
     jobs = [("fp32", "forward", good, (1, 2, 32)), ("fp32", "forward", bad, (1, 2, 32))]
-    failures = sweep_attention.precompile(sweep_attention._compile_worker, jobs, workers=2)
+    with sweep_attention.compile_pool(2) as pool:
+        failures = sweep_attention.precompile(pool, sweep_attention._compile_worker, jobs, workers=2)
     assert len(failures) == 1
     [(job, message)] = failures.items()
     assert "48" in job and "ValueError" in message and "power of two" in message
