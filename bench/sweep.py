@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -24,11 +25,11 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Deadline", "time_ms", "interleaved_ratio", "total_ms", "step_table", "environment", "compile_pool",
+__all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms", "step_table", "environment", "compile_pool",
            "precompile", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
@@ -60,6 +61,53 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def timer(make_call: Callable[[], Callable[[], object]], device: torch.device,
+          context: Callable[[], ContextManager] = contextlib.nullcontext) -> Callable[[], float]:
+    """A zero-argument function that times ``make_call()``'s call with :func:`time_ms` inside ``context()``
+    (a config override, a precision switch): one side of :func:`interleaved_ratio`."""
+    def time_side() -> float:
+        with context():
+            return time_ms(make_call(), device)
+    return time_side
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """What a sweep checks and times of a candidate at one shape.
+
+    ``errors()`` returns relative errors vs the float64 reference by output name; ``make_call()``
+    returns the zero-argument call to time (inputs prepared outside it); ``flops`` is that call's work.
+    """
+
+    errors: Callable[[], Dict[str, float]]
+    make_call: Callable[[], Callable[[], object]]
+    flops: float
+
+
+def measure_candidate(row: Dict[str, object], context: Callable[[], ContextManager], probes: Dict[str, Probe],
+                      tolerance: float, device: torch.device, peak: Optional[float]) -> Dict[str, object]:
+    """Fill ``row`` (the candidate's identifying fields) with, per probe name: the largest relative
+    error, ms, TFLOP/s and % of ``peak`` -- all measured inside ``context()`` -- and a ``status``:
+    ``ok``, ``wrong: ...`` (an error above ``tolerance``: never ranked) or ``failed: <exception>``
+    (e.g. Triton's out-of-resources: a candidate that cannot compile or launch is data, not a crash)."""
+    row.update(ms={}, tflops={}, percent_peak={}, error={}, status="ok")
+    try:
+        with context():
+            for name, probe in probes.items():
+                errors = probe.errors()
+                row["error"][name] = max(errors.values())
+                if row["error"][name] > tolerance:
+                    row["status"] = f"wrong: {errors} above {tolerance}"
+                ms = time_ms(probe.make_call(), device)
+                tflops = probe.flops / ms * 1e-9
+                row["ms"][name], row["tflops"][name] = ms, tflops
+                row["percent_peak"][name] = None if peak is None else 100.0 * tflops / peak
+    except Exception as error:  # noqa: BLE001 -- see the docstring
+        message = str(error).strip().splitlines()
+        row["status"] = f"failed: {type(error).__name__}: {message[0] if message else ''}"
+    return row
 
 
 def interleaved_ratio(time_baseline: Callable[[], float], time_candidate: Callable[[], float],

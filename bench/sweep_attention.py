@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,12 +47,14 @@ from . import flops
 from .report import peak_tflops
 from .sweep import (
     Deadline,
+    Probe,
     compile_pool,
     environment,
     interleaved_ratio,
+    measure_candidate,
     precompile,
     step_table,
-    time_ms,
+    timer,
     total_ms,
     write_json,
 )
@@ -203,27 +205,30 @@ def _tolerance(variant: str, step: str) -> float:
     return tolerance.forward if step == "forward" else tolerance.backward
 
 
+def _probes(step: str, shapes: Dict[str, Inputs]) -> Dict[str, Probe]:
+    return {name: Probe(errors=lambda inputs=inputs: _errors(step, inputs),
+                        make_call=lambda inputs=inputs: _timed_call(step, inputs),
+                        flops=_flops(step, tuple(inputs.q.shape[:3])))
+            for name, inputs in shapes.items()}
+
+
+def _launching(variant: str, config: RopeAttentionConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """Context factory: torch's TF32 switch for ``variant`` and ``config`` in place of the table's entry."""
+    dtype, precision = VARIANTS[variant]
+
+    @contextlib.contextmanager
+    def context() -> Iterator[None]:
+        with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
+            yield
+    return context
+
+
 def measure(variant: str, step: str, config: RopeAttentionConfig, shapes: Dict[str, Inputs],
             device: torch.device, peak: Optional[float]) -> Dict[str, object]:
-    """One candidate: errors, then ms / TFLOP/s / % of ``peak`` per shape; ``status`` is ``ok``,
-    ``wrong`` (an error above the tolerance: never picked) or ``failed: <exception>``."""
-    dtype, precision = VARIANTS[variant]
-    row: Dict[str, object] = {"variant": variant, "step": step, "config": _config_dict(config), "ms": {},
-                              "tflops": {}, "percent_peak": {}, "error": {}, "status": "ok"}
-    try:
-        with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
-            for name, inputs in shapes.items():
-                errors = _errors(step, inputs)
-                row["error"][name] = max(errors.values())
-                if row["error"][name] > _tolerance(variant, step):
-                    row["status"] = f"wrong: {errors} above {_tolerance(variant, step)}"
-                ms = time_ms(_timed_call(step, inputs), device)
-                tflops = _flops(step, tuple(inputs.q.shape[:3])) / ms * 1e-9
-                row["ms"][name], row["tflops"][name] = ms, tflops
-                row["percent_peak"][name] = None if peak is None else 100.0 * tflops / peak
-    except Exception as error:  # noqa: BLE001 -- a candidate that cannot compile or launch is data, not a crash
-        row["status"] = f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-    return row
+    """One candidate of ``step`` at every shape (:func:`bench.sweep.measure_candidate`)."""
+    row = {"variant": variant, "step": step, "config": _config_dict(config)}
+    return measure_candidate(row, _launching(variant, config, device), _probes(step, shapes),
+                             _tolerance(variant, step), device, peak)
 
 
 def _with(config: RopeAttentionConfig, step: str, value) -> RopeAttentionConfig:
@@ -255,11 +260,10 @@ def _compile_worker(jobs: List[Tuple[str, str, Dict[str, object], Tuple[int, int
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     failures = {}
     for variant, step, config, shape in jobs:
-        dtype, precision = VARIANTS[variant]
         config = _config_from_dict(config)
-        inputs = make_inputs((1,) + tuple(shape[1:]), dtype, device)
+        inputs = make_inputs((1,) + tuple(shape[1:]), VARIANTS[variant][0], device)
         try:
-            with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
+            with _launching(variant, config, device)():
                 _timed_call(step, inputs)()
         except Exception as error:  # noqa: BLE001 -- reported, the timing process skips nothing on its own
             failures[repr((variant, step, config, shape))] = f"{type(error).__name__}: {error}"
@@ -284,16 +288,11 @@ def _precompile_jobs(variant: str, shapes: Dict[str, Tuple[int, int, int]], tabl
 def _compare(variant: str, step: str, table: RopeAttentionConfig, best: RopeAttentionConfig,
              shapes: Dict[str, Inputs], device: torch.device, rounds: int) -> Dict[str, object]:
     """The best config vs the table's entry, timed interleaved per shape: ratio > 1 means the best is faster."""
-    dtype, precision = VARIANTS[variant]
     result = {"variant": variant, "step": step, "table": _config_dict(table), "best": _config_dict(best), "ratio": {}}
-    for name, inputs in shapes.items():
-        def timer(config: RopeAttentionConfig) -> Callable[[], float]:
-            def time_config() -> float:
-                with override_config(config, device, dtype, HEAD_DIM, precision):
-                    return time_ms(_timed_call(step, inputs), device)
-            return time_config
-        with _matmul_precision(precision):
-            ratio, base, cand = interleaved_ratio(timer(table), timer(best), rounds)
+    for name, probe in _probes(step, shapes).items():
+        ratio, base, cand = interleaved_ratio(timer(probe.make_call, device, _launching(variant, table, device)),
+                                              timer(probe.make_call, device, _launching(variant, best, device)),
+                                              rounds)
         result["ratio"][name] = {"ratio": ratio, "table_ms": base, "best_ms": cand}
     return result
 
