@@ -29,8 +29,8 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 
 import torch
 
-__all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms", "step_table", "environment", "compile_pool",
-           "precompile", "write_json", "shard"]
+__all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms",
+           "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
 WARMUP_MS, REPETITION_MS = 10, 40
@@ -127,6 +127,33 @@ def interleaved_ratio(time_baseline: Callable[[], float], time_candidate: Callab
 def total_ms(row: Dict[str, object]) -> float:
     """A candidate row's time summed over its shapes; infinite unless its status is ``ok``."""
     return sum(row["ms"].values()) if row["status"] == "ok" and row["ms"] else float("inf")
+
+
+def sweep_steps(document: Dict[str, object], path: str, variant: str, steps: Sequence[str], best: object,
+                options: Callable[[str, object], List[object]], measure: Callable[[str, object], Dict[str, object]],
+                compare: Callable[[str, object], Dict[str, object]], decode: Callable[[Dict[str, object]], object],
+                deadline: Deadline, log: Callable[[str], None]) -> object:
+    """Run ``steps`` of one variant in order and return the last best config (``best`` if none ran).
+
+    Per step: ``measure(step, option)`` every config of ``options(step, best)`` into ``document["rows"]``;
+    the fastest ``ok`` row's config (``decode``d from its dict) becomes ``best`` and
+    ``compare(step, best)`` (an interleaved best-vs-table timing) goes to ``document["comparisons"]``;
+    ``path`` is rewritten after each step. A step that starts after ``deadline`` is listed in
+    ``document["skipped"]`` instead.
+    """
+    for step in steps:
+        if deadline.expired():
+            document["skipped"].append(f"{variant} {step}")
+            continue
+        rows = [measure(step, option) for option in options(step, best)]
+        document["rows"] += rows
+        winner = min(rows, key=total_ms)
+        if total_ms(winner) < float("inf"):
+            best = decode(winner["config"])
+            document["comparisons"].append(compare(step, best))
+        log(f"{variant} {step}: {len(rows)} candidates, best {winner['config']} {winner['ms']} ms")
+        write_json(path, document)
+    return best
 
 
 def _cell(value: Optional[float], spec: str) -> str:

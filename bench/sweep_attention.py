@@ -54,8 +54,8 @@ from .sweep import (
     measure_candidate,
     precompile,
     step_table,
+    sweep_steps,
     timer,
-    total_ms,
     write_json,
 )
 
@@ -322,20 +322,12 @@ def _sweep_variant(document: Dict[str, object], path: str, variant: str, shapes:
                                                  workers))
     peak = _peak(device, variant)
     inputs = {name: make_inputs(shape, dtype, device, seed) for seed, (name, shape) in enumerate(shapes.items())}
-    best = table
-    for step in STEPS:
-        if deadline.expired():
-            document["skipped"].append(f"{variant} {step}")
-            continue
-        rows = [measure(variant, step, option, inputs, device, peak)
-                for option in _step_options(variant, step, best, table, quick)]
-        document["rows"] += rows
-        winner = min(rows, key=total_ms)
-        if total_ms(winner) < float("inf"):
-            best = _config_from_dict(winner["config"])
-            document["comparisons"].append(_compare(variant, step, table, best, inputs, device, 1 if quick else 5))
-        log(f"{variant} {step}: {len(rows)} candidates, best {_describe(step)(winner)} {winner['ms']} ms")
-        write_json(path, document)
+    best = sweep_steps(
+        document, path, variant, STEPS, table,
+        options=lambda step, best: _step_options(variant, step, best, table, quick),
+        measure=lambda step, config: measure(variant, step, config, inputs, device, peak),
+        compare=lambda step, best: _compare(variant, step, table, best, inputs, device, 1 if quick else 5),
+        decode=_config_from_dict, deadline=deadline, log=log)
     if any(row["variant"] == variant for row in document["rows"]):
         document["chosen"][variant] = _config_dict(best)
     write_json(path, document)

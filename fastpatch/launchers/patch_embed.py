@@ -19,22 +19,25 @@ Token m = b * N + n with N = (Hi / p) * (Wi / p); see :mod:`fastpatch.kernels.pa
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import triton
 
 from fastpatch.backend import interpreter_active
 from fastpatch.kernels.patch_embed import (
+    PatchEmbedConfig,
     patch_embed_config,
     patch_embed_fwd_kernel,
     patch_embed_grad_image_kernel,
     patch_embed_grad_weight_kernel,
 )
+from fastpatch.launchers.config_check import check_tile_config
 from fastpatch.launchers.device import launch_device
 from fastpatch.launchers.precision import conv_dot_precision
 
-__all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image"]
+__all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image", "override_config"]
 
 # Whether the kernels above were built for the interpreter, whose bf16 arithmetic is wrong (they
 # upcast every load then). Fixed when triton decorated them, so read once.
@@ -50,11 +53,41 @@ def _capability(device: torch.device) -> int:
     return 80
 
 
+_OVERRIDES: Dict[Tuple[torch.device, torch.dtype, int], PatchEmbedConfig] = {}
+
+
+@contextmanager
+def override_config(config: PatchEmbedConfig, device: torch.device, dtype: torch.dtype,
+                    embed_dim: int) -> Iterator[None]:
+    """Inside the block, launches for images of ``dtype`` on ``device`` (the tensors' own device:
+    ``cuda:0``, not ``cuda``) with ``embed_dim`` output channels use ``config`` instead of the table's
+    entry, for all three kernels (tuning sweeps: ``bench/sweep_patch_embed.py``). Not thread-safe.
+
+    Raises:
+        ValueError: a block size that is not a power of two >= 16, a warp count that is not a power of
+            two <= 16, or ``num_stages < 1``.
+    """
+    check_tile_config("patch_embed", {"block_m": config.block_m, "block_n": config.block_n,
+                                      "block_k": config.block_k}, config.num_warps, config.num_stages)
+    key = (device, dtype, embed_dim)
+    saved = _OVERRIDES.get(key)
+    _OVERRIDES[key] = config
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _OVERRIDES[key]
+        else:
+            _OVERRIDES[key] = saved
+
+
 def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
     """Config plus the constexpr/geometry arguments every kernel shares."""
     batch, _, height, width = img.shape
     grid_h, grid_w = height // patch_size, width // patch_size
-    config = patch_embed_config(weight.shape[0], img.dtype, _capability(img.device))
+    config = _OVERRIDES.get((img.device, img.dtype, weight.shape[0])) if _OVERRIDES else None
+    if config is None:
+        config = patch_embed_config(weight.shape[0], img.dtype, _capability(img.device))
     constexprs = dict(
         PATCH=patch_size,
         MANY_AR=portrait is not None,

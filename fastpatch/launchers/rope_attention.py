@@ -42,6 +42,7 @@ from ..kernels.rope_attention_configs import (
     rope_attention_config,
 )
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
+from .config_check import check_tile_config
 from .device import launch_device
 from .precision import matmul_dot_precision
 
@@ -135,15 +136,6 @@ def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precisi
     return plan
 
 
-def _check_kernel_config(name: str, config: KernelConfig) -> None:
-    for field in ("block_m", "block_n"):
-        size = getattr(config, field)
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name}.{field} must be a power of two >= 16 (tl.dot's minimum), got {size}")
-    if config.num_warps not in (1, 2, 4, 8, 16) or config.num_stages < 1:
-        raise ValueError(f"{name}: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got {config}")
-
-
 @contextmanager
 def override_config(config: RopeAttentionConfig, device: torch.device, dtype: torch.dtype, head_dim: int,
                     precision: str) -> Iterator[None]:
@@ -157,7 +149,9 @@ def override_config(config: RopeAttentionConfig, device: torch.device, dtype: to
             two <= 16, ``num_stages < 1``, or an unknown ``k_rotation``.
     """
     for name in ("forward", "backward_dq", "backward_dkdv"):
-        _check_kernel_config(name, getattr(config, name))
+        kernel = getattr(config, name)
+        check_tile_config(name, {"block_m": kernel.block_m, "block_n": kernel.block_n}, kernel.num_warps,
+                          kernel.num_stages)
     _resolve_k_rotation(config.k_rotation, config)
     key = (device, dtype, head_dim, precision)
     saved = _PLANS.get(key)

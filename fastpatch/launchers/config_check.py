@@ -1,0 +1,18 @@
+"""Validation of launch configs given by hand (``override_config`` of the launchers, used by the sweeps)."""
+from __future__ import annotations
+
+from typing import Dict
+
+__all__ = ["check_tile_config"]
+
+
+def check_tile_config(name: str, blocks: Dict[str, int], num_warps: int, num_stages: int) -> None:
+    """Raise ``ValueError`` unless every block size in ``blocks`` (field name -> size) is a power of two
+    >= 16 (``tl.dot``'s minimum), ``num_warps`` is a power of two <= 16 and ``num_stages >= 1``.
+    ``name`` says which kernel's config is wrong."""
+    for field, size in blocks.items():
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name}.{field} must be a power of two >= 16 (tl.dot's minimum), got {size}")
+    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
+        raise ValueError(f"{name}: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, "
+                         f"got num_warps={num_warps}, num_stages={num_stages}")
