@@ -14,6 +14,7 @@ process only loads the binaries.
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -30,7 +31,8 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 import torch
 
 __all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms",
-           "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "write_json", "shard"]
+           "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "tf32_switch", "dense_peak",
+           "header_lines", "main", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
 WARMUP_MS, REPETITION_MS = 10, 40
@@ -240,6 +242,82 @@ def precompile(pool: Optional[concurrent.futures.Executor], worker: Callable[[Li
     for result in pool.map(worker, shard(jobs, workers)):
         failures.update(result)
     return failures
+
+
+@contextlib.contextmanager
+def tf32_switch(backend, enabled: bool) -> Iterator[None]:
+    """``backend.allow_tf32`` (``torch.backends.cuda.matmul`` or ``torch.backends.cudnn``: what the launchers
+    and torch's own ops read) set to ``enabled`` inside the block, restored after."""
+    saved = backend.allow_tf32
+    backend.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        backend.allow_tf32 = saved
+
+
+def dense_peak(device: torch.device, dtype: torch.dtype, tf32: bool) -> Optional[float]:
+    """The GPU's dense peak TFLOP/s for ``dtype`` (float32 on TF32 tensor cores when ``tf32``); None on CPU."""
+    if device.type != "cuda":
+        return None
+    from .report import peak_tflops
+
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "tfloat32" if tf32 else "float32")
+    return peak_tflops(torch.cuda.get_device_name(device), name)
+
+
+def header_lines(title: str, document: Dict[str, object], shapes_line: str, flops_note: str) -> List[str]:
+    """The first lines of a sweep's markdown: title, device and versions, commit and date, shapes, units,
+    and the steps the budget skipped."""
+    env = document["environment"]
+    lines = [f"# {title}", "",
+             f"- device: {env['device']} (capability {env['capability']}), torch {env['torch']}, "
+             f"triton {env['triton']}, CUDA {env['cuda']}",
+             f"- commit: {env['commit']}{' (uncommitted changes)' if env['dirty'] else ''}, {env['date']}",
+             f"- {shapes_line}: " + ", ".join(f"{k} {tuple(v)}" for k, v in document["shapes"].items()),
+             "- ms: " + ("median of triton.testing.do_bench (L2 flushed)" if env["capability"] else
+                         "one wall-clock call (Triton interpreter: a functional check, not a timing)") +
+             f"; TFLOP/s from bench/flops.py ({flops_note})", ""]
+    if document["precompile"]:
+        lines += [f"- precompile failures: {len(document['precompile'])} (listed in the JSON)", ""]
+    if document["skipped"]:
+        lines += ["- not run (budget spent): " + ", ".join(document["skipped"]), ""]
+    return lines
+
+
+def main(argv: Optional[Sequence[str]], description: str, variants: Sequence[str], shapes: Dict[str, tuple],
+         shape_fields: str, run: Callable[..., Dict[str, object]], markdown: Callable[[Dict[str, object]], str],
+         report_name: str) -> int:
+    """Command line of a sweep: parse ``--out --variants --shape --budget-s --workers --quick``, call
+    ``run(out, variants, shapes, device, budget_s, workers, quick)`` and write ``markdown(document)`` to
+    ``OUT/report_name``. ``shape_fields`` names a shape's comma-separated sizes (e.g. ``B,H,N``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", required=True, help="results folder (created)")
+    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
+    parser.add_argument("--shape", action="append", metavar=f"NAME={shape_fields}",
+                        help="replace the DUSt3R shapes (repeatable)")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new step after this many seconds")
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
+                        help="precompile processes (CUDA only; 0 compiles while timing)")
+    parser.add_argument("--quick", action="store_true", help="one extra candidate per kernel (tests)")
+    args = parser.parse_args(argv)
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in chosen if v not in variants]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(variants)}")
+    if args.shape:
+        shapes = {}
+        for spec in args.shape:
+            name, _, sizes = spec.partition("=")
+            shapes[name] = tuple(int(size) for size in sizes.split(","))
+            if len(shapes[name]) != len(shape_fields.split(",")):
+                parser.error(f"--shape {spec!r}: expected NAME={shape_fields}")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    os.makedirs(args.out, exist_ok=True)
+    document = run(args.out, chosen, shapes, device, args.budget_s, args.workers, args.quick)
+    with open(os.path.join(args.out, report_name), "w") as f:
+        f.write(markdown(document))
+    return 0
 
 
 def write_json(path: str, document: Dict[str, object]) -> None:

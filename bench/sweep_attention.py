@@ -24,9 +24,9 @@ shape, TFLOP/s, % of dense peak, relative error and status, the interleaved comp
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -43,18 +43,20 @@ from fastpatch.launchers.rope_attention import override_config, rope_attention_b
 from fastpatch.ops.rope_attention_torch import rope_attention_torch
 from fastpatch.testing import TOLERANCES, relative_error
 
-from . import flops
-from .report import peak_tflops
+from . import flops, sweep
 from .sweep import (
     Deadline,
     Probe,
     compile_pool,
+    dense_peak,
     environment,
+    header_lines,
     interleaved_ratio,
     measure_candidate,
     precompile,
     step_table,
     sweep_steps,
+    tf32_switch,
     timer,
     write_json,
 )
@@ -105,7 +107,7 @@ def candidates(variant: str, kernel: str, table: RopeAttentionConfig, quick: boo
     """The table's ``kernel`` config first, then the grid's other configs (:data:`GRIDS` or :data:`QUICK_GRID`)."""
     grid = QUICK_GRID if quick else GRIDS[(_precision_class(variant), kernel)]
     current = getattr(table, kernel)
-    crossed = [KernelConfig(m, n, w, s) for m in grid[0] for n in grid[1] for w in grid[2] for s in grid[3]]
+    crossed = [KernelConfig(*values) for values in itertools.product(*grid)]
     return [current] + [c for c in crossed if c != current]
 
 
@@ -184,17 +186,6 @@ def _flops(step: str, shape: Tuple[int, int, int]) -> float:
     return {"forward": forward, "k_rotation": forward + backward}.get(step, backward)
 
 
-@contextlib.contextmanager
-def _matmul_precision(precision: str) -> Iterator[None]:
-    """torch's fp32 matmul TF32 switch set for ``precision`` (what the launchers read), restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _config_dict(config: RopeAttentionConfig) -> Dict[str, object]:
     return dataclasses.asdict(config)
 
@@ -218,7 +209,8 @@ def _launching(variant: str, config: RopeAttentionConfig, device: torch.device) 
 
     @contextlib.contextmanager
     def context() -> Iterator[None]:
-        with _matmul_precision(precision), override_config(config, device, dtype, HEAD_DIM, precision):
+        with tf32_switch(torch.backends.cuda.matmul, precision == "tf32"), \
+                override_config(config, device, dtype, HEAD_DIM, precision):
             yield
     return context
 
@@ -242,15 +234,6 @@ def _step_options(variant: str, step: str, base: RopeAttentionConfig, table: Rop
         rotations = [table.k_rotation] + [r for r in K_ROTATIONS if r != table.k_rotation]
         return [_with(base, step, rotation) for rotation in rotations]
     return [_with(base, step, candidate) for candidate in candidates(variant, step, table, quick)]
-
-
-def _peak(device: torch.device, variant: str) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    dtype, precision = VARIANTS[variant]
-    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "tfloat32" if precision == "tf32"
-                                                                      else "float32")
-    return peak_tflops(torch.cuda.get_device_name(device), name)
 
 
 def _compile_worker(jobs: List[Tuple[str, str, Dict[str, object], Tuple[int, int, int]]]) -> Dict[str, str]:
@@ -320,7 +303,7 @@ def _sweep_variant(document: Dict[str, object], path: str, variant: str, shapes:
     if not deadline.expired():
         document["precompile"].update(precompile(pool, _compile_worker, _precompile_jobs(variant, shapes, table, quick),
                                                  workers))
-    peak = _peak(device, variant)
+    peak = dense_peak(device, dtype, VARIANTS[variant][1] == "tf32")
     inputs = {name: make_inputs(shape, dtype, device, seed) for seed, (name, shape) in enumerate(shapes.items())}
     best = sweep_steps(
         document, path, variant, STEPS, table,
@@ -345,21 +328,8 @@ def _describe(step: str) -> Callable[[Dict[str, object]], str]:
 def markdown(document: Dict[str, object]) -> str:
     """The sweep's report: environment, per variant and step the ranked candidates, the interleaved
     best-vs-table ratios and the chosen configs (to copy into ``kernels/rope_attention_configs.py``)."""
-    env = document["environment"]
-    lines = ["# RoPE attention launch-config sweep", "",
-             f"- device: {env['device']} (capability {env['capability']}), torch {env['torch']}, "
-             f"triton {env['triton']}, CUDA {env['cuda']}",
-             f"- commit: {env['commit']}{' (uncommitted changes)' if env['dirty'] else ''}, {env['date']}",
-             f"- shapes (B, H, N) at head dim {document['head_dim']}: " +
-             ", ".join(f"{k} {tuple(v)}" for k, v in document["shapes"].items()),
-             "- ms: " + ("median of triton.testing.do_bench (L2 flushed)" if env["capability"] else
-                         "one wall-clock call (Triton interpreter: a functional check, not a timing)") +
-             "; TFLOP/s from bench/flops.py (backward: 2.5x the forward)",
-             ""]
-    if document["precompile"]:
-        lines += [f"- precompile failures: {len(document['precompile'])} (listed in the JSON)", ""]
-    if document["skipped"]:
-        lines += ["- not run (budget spent): " + ", ".join(document["skipped"]), ""]
+    lines = header_lines("RoPE attention launch-config sweep", document,
+                         f"shapes (B, H, N) at head dim {document['head_dim']}", "backward: 2.5x the forward")
     for variant in VARIANTS:
         for step in STEPS:
             rows = [r for r in document["rows"] if r["variant"] == variant and r["step"] == step]
@@ -381,34 +351,8 @@ def markdown(document: Dict[str, object]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="results folder (created)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    parser.add_argument("--shape", action="append", metavar="NAME=B,H,N",
-                        help="replace the DUSt3R shapes (repeatable), e.g. tiny=1,2,32")
-    parser.add_argument("--budget-s", type=float, default=None, help="start no new step after this many seconds")
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
-                        help="precompile processes (CUDA only; 0 compiles while timing)")
-    parser.add_argument("--quick", action="store_true", help="one extra candidate per kernel (tests)")
-    args = parser.parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    shapes = dict(SHAPES)
-    if args.shape:
-        shapes = {}
-        for spec in args.shape:
-            name, _, sizes = spec.partition("=")
-            shapes[name] = tuple(int(s) for s in sizes.split(","))
-            if len(shapes[name]) != 3:
-                parser.error(f"--shape {spec!r}: expected NAME=B,H,N")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    os.makedirs(args.out, exist_ok=True)
-    document = run(args.out, variants, shapes, device, args.budget_s, args.workers, args.quick)
-    with open(os.path.join(args.out, "sweep-attention.md"), "w") as f:
-        f.write(markdown(document))
-    return 0
+    return sweep.main(argv, __doc__.split("\n")[0], list(VARIANTS), SHAPES, "B,H,N", run, markdown,
+                      "sweep-attention.md")
 
 
 if __name__ == "__main__":
