@@ -116,3 +116,22 @@ def test_precompile_workers_run_every_job_and_report_failures():
     assert len(failures) == 1
     [(job, message)] = failures.items()
     assert "48" in job and "ValueError" in message and "power of two" in message
+
+
+def test_command_line_writes_json_and_markdown(tmp_path):
+    out = tmp_path / "sweep"
+    assert sweep_attention.main(["--out", str(out), "--quick", "--shape", "tiny=1,2,32", "--variants", "fp32",
+                                 "--workers", "0"]) == 0
+    document = json.loads((out / "sweep-attention.json").read_text())
+    assert document["shapes"] == {"tiny": [1, 2, 32]} and "fp32" in document["chosen"]
+    assert (out / "sweep-attention.md").read_text().startswith("# RoPE attention launch-config sweep")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--variants", "fp64"], "unknown variants"),
+    (["--shape", "tiny=1,2"], "expected NAME=B,H,N"),
+])
+def test_command_line_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        sweep_attention.main(["--out", str(tmp_path)] + argv)
+    assert message in capsys.readouterr().err
