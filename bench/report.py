@@ -9,7 +9,8 @@ versions, commit and date, then one row per case and provider: median time, the 
 vs eager and vs the torch path (measured side by side, interleaved, by ``bench/cases.py``: the
 median of the per-round ratios), achieved TFLOP/s and % of the GPU's dense peak, peak memory, max relative error
 vs eager. Rows of the scene-inference benchmark (``pairs_per_s`` in extra_info) also get a
-pairs/s table with their ratio vs the upstream loop. ``DIR/plot.png`` shows the ratios vs eager
+pairs/s table with their ratio vs the upstream loop; rows that ran on a GPU add a "Targets" section
+(``bench/targets.py``: issue 11's goals). ``DIR/plot.png`` shows the ratios vs eager
 (skipped, with a message, without matplotlib).
 Self-contained (standard library only), so both invocations work.
 """
@@ -87,6 +88,7 @@ def load_rows(paths: List[str]) -> tuple:
                 error=info.get(f"max_rel_error_vs_{baseline}"), error_baseline=baseline, rounds=info.get("rounds"),
                 pairs=info.get("pairs"), images=info.get("images"), batch=info.get("batch"),
                 pairs_per_s=info.get("pairs_per_s"), vs_upstream_loop=ratio(info, "upstream_loop", median_ms),
+                info=info,
             ))
     rank = {name: i for i, name in enumerate(PROVIDER_ORDER)}
     rows.sort(key=lambda r: (r["case"], rank.get(r["provider"], len(rank)), r["provider"]))
@@ -173,6 +175,15 @@ def plot(rows: List[Dict], path: str) -> bool:
     return True
 
 
+def _targets_section(rows: List[Dict], paths: List[str]) -> str:
+    """bench/targets.py's "Targets" section (issue 11's goals) when a row ran on a GPU, else ""."""
+    if __package__:
+        from . import targets
+    else:  # python bench/report.py
+        import targets
+    return targets.section(rows, paths)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s)")
@@ -182,7 +193,7 @@ def main(argv=None) -> None:
     os.makedirs(out, exist_ok=True)
     header, rows = load_rows(args.results)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(header, rows))
+        f.write(markdown(header, rows) + _targets_section(rows, args.results))
     plotted = plot(rows, os.path.join(out, "plot.png"))
     print(f"wrote {os.path.join(out, 'report.md')}{' and plot.png' if plotted else ''} ({len(rows)} rows)")
 

@@ -12,14 +12,22 @@ Providers (:mod:`bench.cases`): ``eager`` (separate RoPE pass, explicit softmax)
 ``fastpatch``; on CUDA the op also runs the Triton kernel with each K rotation strategy,
 ``triton_in_loop`` (key tiles rotated in registers inside the attention loops) and
 ``triton_pre_rotated`` (one RoPE pass writes rotated K first), against the same eager and torch path.
+Also for the op on CUDA (issue 11's baselines): in bfloat16/float16 the torch path with one SDPA
+backend forced, ``sdpa_flash`` and ``sdpa_cudnn`` (a backend that cannot run these inputs skips its
+row and drops out of the others' partners), timed before each ``fastpatch`` round too; in float32
+forward, ``eager_tf32`` and ``fastpatch_tf32`` with TF32 matmuls allowed (the session turns TF32
+off), ``fastpatch_tf32`` timed against ``eager_tf32``; their rows record dtype ``"tfloat32"``, so
+the report takes TF32's dense peak. ``FASTPATCH_BENCH_FULL=1`` runs issue 11's op shapes (batch 8,
+768 tokens) right after the default cases, so a run cut short by a timeout keeps them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastpatch
 from fastpatch import reference
@@ -30,6 +38,11 @@ from .cases import BACKENDS, DEVICE, EAGER, FASTPATCH, FULL, TORCH_PATH, Case, S
 GRIDS = {768: (24, 32), 196: (14, 14)}  # tokens -> (rows, cols)
 ROPE_BASE = 100.0
 K_ROTATIONS = {"triton_in_loop": "in_loop", "triton_pre_rotated": "pre_rotated"}
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}  # torch path, SDPA backend forced
+EAGER_TF32, FASTPATCH_TF32 = "eager_tf32", "fastpatch_tf32"
+TF32 = {EAGER_TF32: EAGER, FASTPATCH_TF32: FASTPATCH}  # float32 with TF32 matmuls -> the provider it runs
+PROVIDER_BACKENDS = {**BACKENDS, **{name: "torch" for name in SDPA_BACKENDS},
+                     **{name: BACKENDS[runs] for name, runs in TF32.items()}}
 ROUNDS = 10 if DEVICE == "cuda" else 3
 
 
@@ -103,9 +116,37 @@ def triton_rope_attention(k_rotation: str):
     return call
 
 
-def providers(component: str) -> List[str]:
-    extra = list(K_ROTATIONS) if component == "rope_attention" and DEVICE == "cuda" else []
-    return base_providers() + extra
+def sdpa_rope_attention(backend: str):
+    """The torch path with SDPA restricted to ``backend`` (an ``SDPBackend`` name)."""
+    def call(q, k, v, pos):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return fastpatch_rope_attention(q, k, v, pos)
+    return call
+
+
+def with_tf32(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with TF32 allowed for float32 CUDA matmuls (torch's and fastpatch's), restored after."""
+    def tf32_step():
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return step()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return tf32_step
+
+
+def providers(case: Case) -> List[str]:
+    """The base providers; the op on CUDA adds the K rotations, and the forced SDPA backends (half
+    precision) or, in float32 forward, the TF32 pair."""
+    extra = []
+    if case.component == "rope_attention" and case.device == "cuda":
+        extra = list(K_ROTATIONS)
+        if case.dtype != torch.float32:
+            extra += list(SDPA_BACKENDS)
+        elif case.mode == "forward":
+            extra += list(TF32)
+    return base_providers(case.device) + extra
 
 
 def build_sides(case: Case) -> Dict[str, Side]:
@@ -115,14 +156,17 @@ def build_sides(case: Case) -> Dict[str, Side]:
     inputs = spec.inputs(case, requires_grad=case.mode == "forward_backward")
     if spec.cls == "rope_attention":
         calls = {EAGER: eager_rope_attention, TORCH_PATH: fastpatch_rope_attention, FASTPATCH: fastpatch_rope_attention,
-                 **{name: triton_rope_attention(rotation) for name, rotation in K_ROTATIONS.items()}}
-        return {name: Side(make_step(calls[name], inputs, case.mode, case.device, BACKENDS.get(name)))
-                for name in providers(case.component)}
+                 EAGER_TF32: eager_rope_attention, FASTPATCH_TF32: fastpatch_rope_attention,
+                 **{name: triton_rope_attention(rotation) for name, rotation in K_ROTATIONS.items()},
+                 **{name: sdpa_rope_attention(backend) for name, backend in SDPA_BACKENDS.items()}}
+        steps = {name: make_step(calls[name], inputs, case.mode, case.device, PROVIDER_BACKENDS.get(name))
+                 for name in providers(case)}
+        return {name: Side(with_tf32(step) if name in TF32 else step) for name, step in steps.items()}
     eager = spec.build(reference).to(case.device, case.dtype)
     patched = spec.build(fastpatch).to(case.device, case.dtype)
     patched.load_state_dict(eager.state_dict())
     sides = {}
-    for name in providers(case.component):
+    for name in providers(case):
         module = eager if name == EAGER else patched
         sides[name] = Side(make_step(module, inputs, case.mode, case.device, BACKENDS[name],
                                      params=list(module.parameters()) if case.mode == "forward_backward" else ()))
@@ -141,13 +185,43 @@ def _cases() -> List[Case]:
     full = [Case(component, mode, f"n{tokens}", batch, dtype, DEVICE)
             for dtype in dtypes for batch in (1, 8) for tokens in GRIDS for component in COMPONENTS
             for mode in ("forward", "forward_backward")]
-    return default + [case for case in full if case not in default]
+    issue_targets = [case for case in full
+                     if case.component == "rope_attention" and case.size == "n768" and case.batch == 8]
+    return list(dict.fromkeys(default + issue_targets + full))
 
 
-CASE_PROVIDERS = [(case, provider) for case in _cases() for provider in providers(case.component)]
+CASE_PROVIDERS = [(case, provider) for case in _cases() for provider in providers(case)]
+
+
+def _unusable_sdpa(sides: Dict[str, Side]) -> Dict[str, str]:
+    """Forced SDPA backends that cannot run these inputs (on this GPU / build) -> torch's error."""
+    unusable = {}
+    for name in (name for name in SDPA_BACKENDS if name in sides):
+        try:
+            sides[name]()
+        except RuntimeError as error:
+            unusable[name] = str(error).strip().splitlines()[0]
+    return unusable
+
+
+def _partners(provider: str, sides: Dict[str, Side]) -> Optional[List[str]]:
+    """Who runs before each round: fastpatch also against the forced SDPA backends, fastpatch_tf32
+    against eager_tf32; None: the default (eager, torch path)."""
+    if provider == FASTPATCH:
+        return [name for name in (EAGER, TORCH_PATH, *SDPA_BACKENDS) if name in sides]
+    return [EAGER_TF32] if provider == FASTPATCH_TF32 else None
 
 
 @pytest.mark.parametrize("case,provider", CASE_PROVIDERS, ids=[f"{c.name}-{p}" for c, p in CASE_PROVIDERS])
 def test_bench_attention(benchmark, case, provider):
     benchmark.group = case.name
-    measure(benchmark, case, provider, build_sides(case), COMPONENTS[case.component].flops(case), rounds=ROUNDS)
+    sides = build_sides(case)
+    unusable = _unusable_sdpa(sides) if provider in (FASTPATCH, *SDPA_BACKENDS) else {}
+    if provider in unusable:
+        pytest.skip(f"{provider} cannot run {case.name}: {unusable[provider]}")
+    for name in unusable:
+        del sides[name]
+    measure(benchmark, case, provider, sides, COMPONENTS[case.component].flops(case), rounds=ROUNDS,
+            partners=_partners(provider, sides), baseline=EAGER_TF32 if provider == FASTPATCH_TF32 else EAGER)
+    if provider in TF32:
+        benchmark.extra_info["dtype"] = "tfloat32"
