@@ -169,17 +169,19 @@ def compile_summary(kernel, spec, capability: int, num_warps: int = 4, num_stage
 
     Returns:
         ``{"wgmma": bool, "mma_sync": bool, "shared": bytes, "divisibility_hints": int,
-        "vector_loads": int}``: whether the PTX uses Hopper (``wgmma``) or Ampere (``mma.sync``)
-        tensor-core instructions, the shared memory used, how many kernel arguments carry
-        ``tt.divisibility = 16`` in the TTIR, and how many 16-byte global loads the PTX has
-        (``ld.global.v4`` and ``cp.async.cg``, which needs 16 bytes).
+        "vector_loads": int, "narrow_async_copies": int}``: whether the PTX uses Hopper (``wgmma``)
+        or Ampere (``mma.sync``) tensor-core instructions, the shared memory used, how many kernel
+        arguments carry ``tt.divisibility = 16`` in the TTIR, how many 16-byte global loads the PTX
+        has (``ld.global.v4`` and ``cp.async.cg``, which needs 16 bytes), and how many ``cp.async``
+        copy 4 or 8 bytes only.
     """
     compiled = compile_for_gpu(kernel, spec, capability, num_warps=num_warps, num_stages=num_stages)
     ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
     signature = ttir[ttir.index("tt.func"):].split("\n", 1)[0]
     return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared,
             "divisibility_hints": signature.count("tt.divisibility = 16"),
-            "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.|cp\.async\.cg\.", ptx))}
+            "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.|cp\.async\.cg\.", ptx)),
+            "narrow_async_copies": len(re.findall(r"cp\.async\.ca\.shared\.global[^;]*, 0x[48],", ptx))}
 
 
 def selected_compile_cases(cases: Sequence[tuple]) -> List[tuple]:

@@ -121,6 +121,22 @@ def _pixel_offsets(corner, sample, portrait, ks, stride_b, stride_c, stride_h, s
 
 
 @triton.jit
+def _computed(x):
+    """``x`` as a computed rather than a loaded value (-0.0 becomes +0.0, every other value is
+    unchanged), for the TF32 products whose operands are not contiguous along the reduced axis.
+
+    Hopper's wgmma reads TF32 operands from shared memory only contiguous along the reduced axis
+    (it transposes 16-bit operands only). Given such an operand straight from ``tl.load``, Triton
+    copies it from global to shared memory transposed, 4 bytes per ``cp.async``; given a computed
+    value, it copies 16 bytes at a time in the operand's own order and transposes through
+    registers (where wgmma reads a left operand directly). A zero of either sign adds a zero, so a
+    product can differ at most in the sign of an exactly-zero entry. On sm_80 (mma.sync) the
+    operands pass through registers anyway: there it costs one addition per element.
+    """
+    return x + 0.0
+
+
+@triton.jit
 def patch_embed_fwd_kernel(
     img_ptr, weight_ptr, bias_ptr, portrait_ptr, tokens_ptr, pos_ptr,
     total_tokens, num_tokens, grid_h, grid_w, embed_dim, patch_pixels,
@@ -205,7 +221,10 @@ def patch_embed_grad_weight_kernel(
         if UPCAST:
             grad_t = grad_t.to(tl.float32)
             patch = patch.to(tl.float32)
-        acc = tl.dot(grad_t, patch, acc, input_precision=DOT_PRECISION)
+        if DOT_PRECISION == "tf32":  # neither is contiguous along the tokens: see _computed
+            acc = tl.dot(_computed(grad_t), _computed(patch), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(grad_t, patch, acc, input_precision=DOT_PRECISION)
         bias_acc += tl.sum(grad_t.to(tl.float32), axis=1)
 
     tl.store(grad_weight_ptr + chans[:, None] * patch_pixels + ks[None, :],
@@ -248,6 +267,8 @@ def patch_embed_grad_image_kernel(
         if UPCAST:
             grad = grad.to(tl.float32)
             w = w.to(tl.float32)
+        if DOT_PRECISION == "tf32":  # not contiguous along the channels: see _computed
+            w = _computed(w)
         acc = tl.dot(grad, w, acc, input_precision=DOT_PRECISION)
 
     offs = _pixel_offsets(corner, sample, portrait, ks, stride_ib, stride_ic, stride_ih, stride_iw, PATCH, MANY_AR)
