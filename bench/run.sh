@@ -2,8 +2,10 @@
 # Run every benchmark file (one pytest-benchmark JSON each), then the report, into one folder:
 #   bash bench/run.sh [OUT]     default OUT: bench/results/<UTC date>-<device>
 # OUT gets results-<file>.json, bench-<file>.log, report.md, plot.png (with matplotlib) and env.txt.
-# BENCH_TIMEOUT_ATTENTION / _PATCH_EMBED / _MODEL: seconds per file (0: no limit). A file cut short is
-# interrupted (SIGINT) so pytest still writes the JSON of what finished. Run inside the environment.
+# BENCH_FILES: which bench/test_bench_<name>.py files, in order (default "attention patch_embed model";
+# bench/gpu_tune.sh runs "pair_latency"). BENCH_TIMEOUT_<NAME> (e.g. BENCH_TIMEOUT_ATTENTION): seconds per
+# file (0: no limit). A file cut short is interrupted (SIGINT) so pytest still writes the JSON of what
+# finished. Run inside the environment.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,7 +22,7 @@ mkdir -p "$out"
 } >"$out/env.txt" 2>&1
 status=0
 jsons=()
-for name in attention patch_embed model; do
+for name in ${BENCH_FILES:-attention patch_embed model}; do
     var="BENCH_TIMEOUT_${name^^}"
     start=$SECONDS rc=0
     timeout -s INT -k 15 "${!var:-0}" python -m pytest "bench/test_bench_$name.py" --benchmark-only -q -s \

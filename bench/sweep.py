@@ -281,7 +281,7 @@ def header_lines(title: str, document: Dict[str, object], shapes_line: str, flop
     if document["precompile"]:
         lines += [f"- precompile failures: {len(document['precompile'])} (listed in the JSON)", ""]
     if document["skipped"]:
-        lines += ["- not run (budget spent): " + ", ".join(document["skipped"]), ""]
+        lines += ["- not run (budget spent or interrupted): " + ", ".join(document["skipped"]), ""]
     return lines
 
 
@@ -290,7 +290,9 @@ def main(argv: Optional[Sequence[str]], description: str, variants: Sequence[str
          report_name: str) -> int:
     """Command line of a sweep: parse ``--out --variants --shape --budget-s --workers --quick``, call
     ``run(out, variants, shapes, device, budget_s, workers, quick)`` and write ``markdown(document)`` to
-    ``OUT/report_name``. ``shape_fields`` names a shape's comma-separated sizes (e.g. ``B,H,N``)."""
+    ``OUT/report_name``. ``shape_fields`` names a shape's comma-separated sizes (e.g. ``B,H,N``).
+    Interrupted (SIGINT, e.g. by ``timeout -s INT``), it writes the report of the sweep's last JSON
+    write (``OUT/<report_name stem>.json``) and returns 130."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="results folder (created)")
     parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
@@ -314,10 +316,20 @@ def main(argv: Optional[Sequence[str]], description: str, variants: Sequence[str
                 parser.error(f"--shape {spec!r}: expected NAME={shape_fields}")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     os.makedirs(args.out, exist_ok=True)
-    document = run(args.out, chosen, shapes, device, args.budget_s, args.workers, args.quick)
+    status = 0
+    try:
+        document = run(args.out, chosen, shapes, device, args.budget_s, args.workers, args.quick)
+    except KeyboardInterrupt:  # `timeout -s INT`: report what the last JSON write holds
+        json_path = os.path.join(args.out, os.path.splitext(report_name)[0] + ".json")
+        if not os.path.exists(json_path):
+            raise
+        with open(json_path) as f:
+            document = json.load(f)
+        document["skipped"].append("the rest (interrupted)")
+        status = 130
     with open(os.path.join(args.out, report_name), "w") as f:
         f.write(markdown(document))
-    return 0
+    return status
 
 
 def write_json(path: str, document: Dict[str, object]) -> None:

@@ -288,6 +288,7 @@ def run(out_dir: str, variants: Sequence[str], shapes: Dict[str, Tuple[int, int,
     path = os.path.join(out_dir, "sweep-attention.json")
     document: Dict[str, object] = {"environment": environment(device), "shapes": shapes, "head_dim": HEAD_DIM,
                                    "rows": [], "comparisons": [], "chosen": {}, "skipped": [], "precompile": {}}
+    write_json(path, document)  # an interrupted sweep still leaves its environment
     with compile_pool(workers if device.type == "cuda" else 0) as pool:
         for variant in variants:
             _sweep_variant(document, path, variant, shapes, device, deadline, pool, workers, quick, log)

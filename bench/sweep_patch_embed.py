@@ -240,6 +240,7 @@ def run(out_dir: str, variants: Sequence[str], shapes: Dict[str, Tuple[int, int,
     path = os.path.join(out_dir, "sweep-patch-embed.json")
     document: Dict[str, object] = {"environment": environment(device), "shapes": shapes, "patch": PATCH,
                                    "rows": [], "comparisons": [], "chosen": {}, "skipped": [], "precompile": {}}
+    write_json(path, document)  # an interrupted sweep still leaves its environment
     embed_dim = next(iter(shapes.values()))[3]
     with compile_pool(workers if device.type == "cuda" else 0) as pool:
         for variant in variants:

@@ -93,7 +93,7 @@ def test_budget_skips_steps_and_says_so(tmp_path, device):
                                    log=lambda line: None)
     assert document["rows"] == [] and document["skipped"] == [f"fp32 {s}" for s in sweep_attention.STEPS]
     assert document["chosen"] == {}  # nothing measured, nothing chosen
-    assert "not run (budget spent): fp32 forward" in sweep_attention.markdown(document)
+    assert "not run (budget spent or interrupted): fp32 forward" in sweep_attention.markdown(document)
 
 
 def test_candidates_start_with_the_table_entry_and_have_no_duplicates():
@@ -135,3 +135,20 @@ def test_command_line_rejects_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         sweep_attention.main(["--out", str(tmp_path)] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_interrupted_sweep_reports_its_last_json_write(tmp_path):
+    """``timeout -s INT`` lands as KeyboardInterrupt: the report comes from the last JSON write, exit 130."""
+    def interrupted_run(out, variants, shapes, device, budget_s, workers, quick):
+        document = {"environment": {"device": "cpu", "capability": None, "torch": "t", "triton": "t", "cuda": None,
+                                    "commit": "c", "dirty": False, "date": "d"},
+                    "shapes": shapes, "head_dim": 64, "rows": [], "comparisons": [], "chosen": {}, "skipped": [],
+                    "precompile": {}}
+        sweep_attention.write_json(str(tmp_path / "sweep-attention.json"), document)
+        raise KeyboardInterrupt
+
+    status = sweep_attention.sweep.main(["--out", str(tmp_path)], "test", ["fp32"], {"tiny": (1, 2, 32)}, "B,H,N",
+                                        interrupted_run, sweep_attention.markdown, "sweep-attention.md")
+    assert status == 130
+    report = (tmp_path / "sweep-attention.md").read_text()
+    assert "not run (budget spent or interrupted): the rest (interrupted)" in report
