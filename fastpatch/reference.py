@@ -479,8 +479,9 @@ class Dust3RBackbone(nn.Module):
 
     def encode(self, img: torch.Tensor, true_shape: Optional[torch.Tensor] = None):
         """(B, 3, H, W) -> (features (B, N, enc_dim) after ``enc_norm``, positions (B, N, 2))."""
-        if true_shape is None:
-            true_shape = torch.tensor(img.shape[-2:], device=img.device).expand(img.shape[0], 2)
+        if true_shape is None:  # filled on the device: no host-to-device copy, so CUDA graphs can capture it
+            true_shape = torch.full((img.shape[0], 2), img.shape[-2], dtype=torch.int64, device=img.device)
+            true_shape[:, 1] = img.shape[-1]
         x, pos = self.patch_embed(img, true_shape=true_shape)
         for block in self.enc_blocks:
             x = block(x, pos)

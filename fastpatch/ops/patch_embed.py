@@ -87,6 +87,11 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
     checked against the batch tensor (on the host, a few microseconds) and the flags computed from
     them are copied to the image's device without blocking. Values on an accelerator are not
     read: that would synchronise with the device.
+
+    While a CUDA graph is being captured, a CPU ``true_shape`` raises ``RuntimeError``: the graph
+    would replay that copy from a host buffer freed after the capture (garbage flags, or an error
+    from torch versions that refuse pageable copies in a capture), and could never see new values.
+    On the image's device it is read inside the graph, so replays follow its current values.
     """
     batch, _, height, width = img.shape
     if height > width:
@@ -101,12 +106,22 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
     if true_shape.device != img.device and not on_host:
         raise ValueError(f"true_shape must be on the image's device ({img.device}) or on the CPU, "
                          f"got {true_shape.device}")
+    if on_host and _capturing_cuda_graph(img.device):
+        raise RuntimeError(f"ManyAR true_shape is on the CPU while a CUDA graph is being captured on {img.device}: "
+                           "the graph would replay a copy of freed host memory and never see new values; "
+                           "pass true_shape on the image's device (a static input of the graph)")
     if on_host and not torch.compiler.is_compiling():
         _check_true_shape_values(true_shape, height, width)
     portrait = true_shape[:, 0] > true_shape[:, 1]
     if portrait.device != img.device:
         portrait = portrait.to(img.device, non_blocking=True)
     return portrait
+
+
+def _capturing_cuda_graph(device: torch.device) -> bool:
+    """True for a CUDA ``device`` while the current CUDA stream captures a graph. Not asked under
+    ``torch.compile`` tracing, nor for other devices (so they never initialise CUDA)."""
+    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_true_shape_values(true_shape: torch.Tensor, height: int, width: int) -> None:
@@ -163,6 +178,8 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
         ValueError: wrong ranks/shapes/channels, sizes not multiples of p, img/weight/bias on
             different devices, true_shape on a device other than the image's or the CPU, a
             portrait ManyAR batch tensor, true_shape of the wrong shape or values.
+        RuntimeError: a ManyAR true_shape on the CPU while a CUDA graph is being captured (put it
+            on the image's device).
     """
     _check_tensors(img, weight, bias)
     p = _square_patch(patch_size, weight)
