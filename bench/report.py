@@ -34,8 +34,8 @@ PEAK_TFLOPS = [
     ("H200", {"bfloat16": 989.0, "float16": 989.0, "tfloat32": 495.0, "float32": 67.0}),
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "tfloat32": 156.0, "float32": 19.5}),
 ]
-PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "upstream_loop", "fastpatch", "triton_in_loop",
-                  "triton_pre_rotated"]
+PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "upstream_loop", "fastpatch", "fastpatch_cuda_graphs",
+                  "fastpatch_compiled_graphs", "triton_in_loop", "triton_pre_rotated"]
 
 
 def peak_tflops(device: str, dtype: str) -> Optional[float]:
