@@ -172,6 +172,43 @@ def test_capture_detector_asks_cuda_only_for_cuda_devices(monkeypatch):
     fastpatch.patch_embed(img, weight, bias, 16, true_shape=true_shape, many_ar=True)
 
 
+def _first_uses():
+    from fastpatch.launchers import rope_attention as attention_launchers
+    from fastpatch.ops import rope_torch
+
+    device = torch.device("cuda", 7)  # never used before: every cache misses; nothing reaches CUDA
+    return {
+        "triton frequencies": lambda: attention_launchers.rope_frequencies(100.0, 1.0, 64, device),
+        "launch plan": lambda: attention_launchers.launch_plan(device, torch.float32, 64, "ieee"),
+        "torch-path frequencies": lambda: rope_torch.rope_frequencies(64, 100.0, 1.0, torch.float32, device),
+    }
+
+
+@pytest.mark.parametrize("cache", ["triton frequencies", "launch plan", "torch-path frequencies"])
+def test_a_cache_first_filled_inside_a_capture_is_refused(monkeypatch, cache):
+    """A cache miss inside a capture would record the host-to-device copy that fills it (a replayed read
+    of freed host memory): refused with a clear error; warm caches never ask."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="first use is inside a CUDA graph capture"):
+        _first_uses()[cache]()
+
+
+def test_warm_caches_do_not_ask_about_captures(monkeypatch):
+    from fastpatch.launchers import rope_attention as attention_launchers
+
+    def no_cuda():
+        raise AssertionError("a warm cache asked CUDA about a capture")
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 7)
+    monkeypatch.setitem(attention_launchers._FREQUENCY_CACHE, (100.0, 1.0, 64, cuda),
+                        attention_launchers.rope_frequencies(100.0, 1.0, 64, cpu))
+    monkeypatch.setitem(attention_launchers._PLANS, (cuda, torch.float32, 64, "ieee"),
+                        attention_launchers.launch_plan(cpu, torch.float32, 64, "ieee"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", no_cuda)
+    attention_launchers.rope_frequencies(100.0, 1.0, 64, cuda)
+    attention_launchers.launch_plan(cuda, torch.float32, 64, "ieee")
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: plain torch.cuda.CUDAGraph capture
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ..kernels.rope_attention_configs import (
 )
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
 from .config_check import check_tile_config
-from .device import launch_device
+from .device import launch_device, refuse_first_use_in_capture
 from .precision import matmul_dot_precision
 
 __all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "override_config", "rope_rotate",
@@ -64,6 +64,7 @@ def rope_frequencies(rope_base: float, rope_f0: float, head_dim: int, device: to
     key = (rope_base, rope_f0, head_dim, device)
     table = _FREQUENCY_CACHE.get(key)
     if table is None:
+        refuse_first_use_in_capture(device, "RoPE frequency table")
         quarter = head_dim // 4
         with torch.inference_mode(False):
             exponents = torch.arange(quarter, dtype=torch.float64) / quarter
@@ -130,6 +131,7 @@ def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precisi
     key = (device, dtype, head_dim, precision)
     plan = _PLANS.get(key)
     if plan is None:
+        refuse_first_use_in_capture(device, "attention launch plan")
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         config = rope_attention_config(head_dim, dtype, capability, precision)
         plan = _PLANS[key] = _build_plan(device, dtype, head_dim, precision, config)

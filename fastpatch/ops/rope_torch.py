@@ -18,6 +18,8 @@ from typing import Tuple
 
 import torch
 
+from ..launchers.device import refuse_first_use_in_capture
+
 __all__ = ["rope_frequencies", "rope_cos_sin", "rotate_rope"]
 
 
@@ -29,6 +31,7 @@ def rope_frequencies(head_dim: int, base: float, f0: float, dtype: torch.dtype, 
     the result is read-only by convention (never written in place). It is built outside inference
     mode so a table first made under ``torch.inference_mode()`` still serves later autograd calls.
     """
+    refuse_first_use_in_capture(device, "RoPE frequency table")
     quarter = head_dim // 4
     with torch.inference_mode(False):
         exponents = torch.arange(quarter, dtype=torch.float64) / quarter
