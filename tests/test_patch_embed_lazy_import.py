@@ -40,7 +40,7 @@ def test_triton_op_is_resolved_once(monkeypatch, device):
     args = (torch.randn(1, 3, 8, 8).to(device), torch.randn(4, 3, 8, 8).to(device), torch.randn(4).to(device), 8)
     with fastpatch.use_backend("triton"):
         fastpatch.patch_embed(*args)
-        assert ops._triton_patch_embed is patch_embed_triton.patch_embed_triton
+        assert ops._triton_op() is patch_embed_triton.patch_embed_triton
         imports = []
         real_import = builtins.__import__
         monkeypatch.setattr(builtins, "__import__", lambda name, *rest, **kw: imports.append(name) or

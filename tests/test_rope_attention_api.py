@@ -156,7 +156,7 @@ def fake_triton_op(monkeypatch):
         b, h, n, d = q.shape
         return q.new_zeros(b, n, h, d)
 
-    monkeypatch.setattr(rope_attention_module, "_triton_attention", rope_attention_triton)
+    monkeypatch.setattr(rope_attention_module, "_triton_op", lambda: rope_attention_triton)
     return calls
 
 

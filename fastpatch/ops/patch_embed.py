@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from ..backend import select_backend
+from ..triton_available import imported_once
 from .patch_embed_torch import patch_embed_torch
 
 __all__ = ["patch_embed"]
@@ -22,19 +23,13 @@ __all__ = ["patch_embed"]
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
 
-# fastpatch.ops.patch_embed_triton.patch_embed_triton, imported on the first Triton call (so that
-# ``import fastpatch`` works without triton) and kept here: no import per call.
-_triton_patch_embed = None
-
-
+@imported_once
 def _triton_op():
-    """The Triton custom op (:func:`fastpatch.ops.patch_embed_triton.patch_embed_triton`), imported once."""
-    global _triton_patch_embed
-    if _triton_patch_embed is None:
-        from .patch_embed_triton import patch_embed_triton
+    """The Triton custom op (:func:`fastpatch.ops.patch_embed_triton.patch_embed_triton`), imported on
+    the first Triton call (``import fastpatch`` works without triton), then held: no import per call."""
+    from .patch_embed_triton import patch_embed_triton
 
-        _triton_patch_embed = patch_embed_triton
-    return _triton_patch_embed
+    return patch_embed_triton
 
 
 def _square_patch(patch_size: Union[int, Sequence[int]], weight: torch.Tensor) -> int:

@@ -10,28 +10,25 @@ implementation with :func:`fastpatch.backend.select_backend`:
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..backend import select_backend
 from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # a plain table: no triton import
+from ..triton_available import imported_once
 from .rope_attention_torch import rope_attention_torch
 
 __all__ = ["rope_attention"]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-#: fastpatch.ops.rope_attention_triton.rope_attention_triton, imported on the first Triton call
-#: (``import fastpatch`` never imports triton), then read from here: no import per call.
-_triton_attention: Optional[Callable] = None
-
-
-def _load_triton_attention() -> Callable:
-    global _triton_attention
+@imported_once
+def _triton_op():
+    """The Triton custom op (:func:`fastpatch.ops.rope_attention_triton.rope_attention_triton`), imported
+    on the first Triton call (``import fastpatch`` never imports triton), then held: no import per call."""
     from .rope_attention_triton import rope_attention_triton
 
-    _triton_attention = rope_attention_triton
     return rope_attention_triton
 
 
@@ -142,8 +139,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
     if backend == "torch":
         return rope_attention_torch(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale, dropout_p)
 
-    triton_attention = _triton_attention or _load_triton_attention()
     if q_pos is not None and not q_pos.dtype == k_pos.dtype == torch.int64:
         q_pos, k_pos = q_pos.long(), k_pos.long()  # the kernels read int64
-    out = triton_attention(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale)
+    out = _triton_op()(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale)
     return out.transpose(1, 2)
