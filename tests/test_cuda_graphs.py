@@ -153,7 +153,7 @@ def _many_ar_inputs(device):
 
 
 def test_cpu_true_shape_is_refused_while_a_cuda_graph_is_captured(monkeypatch):
-    monkeypatch.setattr(patch_embed_op, "_capturing_cuda_graph", lambda device: True)
+    monkeypatch.setattr(patch_embed_op, "capturing_cuda_graph", lambda device: True)
     img, weight, bias, true_shape = _many_ar_inputs("meta")
     with pytest.raises(RuntimeError, match="true_shape is on the CPU while a CUDA graph is being captured"):
         fastpatch.patch_embed(img, weight, bias, 16, true_shape=true_shape, many_ar=True)
@@ -166,8 +166,8 @@ def test_capture_detector_asks_cuda_only_for_cuda_devices(monkeypatch):
         raise AssertionError("CUDA was asked about a non-CUDA device")
 
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", no_cuda)
-    assert not patch_embed_op._capturing_cuda_graph(torch.device("cpu"))
-    assert not patch_embed_op._capturing_cuda_graph(torch.device("meta"))
+    assert not patch_embed_op.capturing_cuda_graph(torch.device("cpu"))
+    assert not patch_embed_op.capturing_cuda_graph(torch.device("meta"))
     img, weight, bias, true_shape = _many_ar_inputs("cpu")
     fastpatch.patch_embed(img, weight, bias, 16, true_shape=true_shape, many_ar=True)
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from ..backend import select_backend
+from ..launchers.device import capturing_cuda_graph
 from ..triton_available import imported_once
 from .patch_embed_torch import patch_embed_torch
 
@@ -101,7 +102,7 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
     if true_shape.device != img.device and not on_host:
         raise ValueError(f"true_shape must be on the image's device ({img.device}) or on the CPU, "
                          f"got {true_shape.device}")
-    if on_host and _capturing_cuda_graph(img.device):
+    if on_host and capturing_cuda_graph(img.device):
         raise RuntimeError(f"ManyAR true_shape is on the CPU while a CUDA graph is being captured on {img.device}: "
                            "the graph would replay a copy of freed host memory and never see new values; "
                            "pass true_shape on the image's device (a static input of the graph)")
@@ -111,12 +112,6 @@ def _portrait_flags(img: torch.Tensor, true_shape: Optional[torch.Tensor]) -> to
     if portrait.device != img.device:
         portrait = portrait.to(img.device, non_blocking=True)
     return portrait
-
-
-def _capturing_cuda_graph(device: torch.device) -> bool:
-    """True for a CUDA ``device`` while the current CUDA stream captures a graph. Not asked under
-    ``torch.compile`` tracing, nor for other devices (so they never initialise CUDA)."""
-    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_true_shape_values(true_shape: torch.Tensor, height: int, width: int) -> None:
