@@ -27,7 +27,9 @@ timeout 20 bash scripts/install_wheels.sh "${FASTPATCH_WHEELS:-wheels}" 2>&1 | t
 echo "upstream wheels: $((SECONDS - start)) s (exit $rc: 0 upstream parity tests run, else they skip)"
 
 start=$SECONDS
-FASTPATCH_TEST_COMPILED=1 timeout -s INT -k 15 270 python -m pytest tests -q -p no:cacheprovider \
+# pytest-xdist (in the GPU image) spreads the test files, and so the Triton compiles, over 8 processes.
+parallel=$(python -c 'import xdist' 2>/dev/null && echo "-n 8 --dist loadfile")
+FASTPATCH_TEST_COMPILED=1 timeout -s INT -k 15 270 python -m pytest tests -q -p no:cacheprovider $parallel \
     --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1 || status=$?
 echo "tests: $((SECONDS - start)) s (exit $status); $(tail -1 "$out/tests.log")"
 

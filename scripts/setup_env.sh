@@ -12,7 +12,7 @@ fi
 . .venv/bin/activate
 pip_q() { python -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_q torch==2.13.0 triton==3.7.1
-pip_q numpy pytest pytest-benchmark
+pip_q numpy pytest pytest-benchmark pytest-xdist==3.8.0
 pip_q --no-deps --no-build-isolation -e .
 if [ "${FASTPATCH_WITH_UPSTREAM:-0}" = "1" ]; then
     # Real upstream model code, imported by tests only (never vendored; CC BY-NC-SA).
