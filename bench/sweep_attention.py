@@ -77,7 +77,7 @@ STEPS = ("forward", "backward_dq", "backward_dkdv", "k_rotation")
 #: (precision class, kernel) -> (block_m, block_n, num_warps, num_stages) values crossed into candidates.
 #: IEEE fp32 takes twice the registers per operand and has no tensor-core pipeline: small tiles, 1 stage.
 GRIDS: Dict[Tuple[str, str], Tuple[Tuple[int, ...], ...]] = {
-    ("half", "forward"): ((64, 128), (32, 64, 128), (4, 8), (2, 3)),
+    ("half", "forward"): ((64, 128), (64, 128), (4, 8), (2, 3)),
     ("half", "backward_dq"): ((64, 128), (32, 64), (4, 8), (1, 2)),
     ("half", "backward_dkdv"): ((32, 64, 128), (64, 128), (4, 8), (1, 2)),
     ("tf32", "forward"): ((64, 128), (32, 64), (4, 8), (1, 2)),

@@ -62,15 +62,15 @@ TOLERANCES: Dict[object, Tolerance] = {
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|, computed in float64.
+    """max |actual - expected| / max |expected|, computed in float64 on ``actual``'s device.
 
     Normalising by the largest reference entry (not element-wise) keeps the metric meaningful for
     entries near zero. Returns the absolute error when ``expected`` is all zeros.
     """
     if actual.shape != expected.shape:
         raise ValueError(f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
-    a = actual.detach().to(device="cpu", dtype=torch.float64)
-    e = expected.detach().to(device="cpu", dtype=torch.float64)
+    a = actual.detach().to(dtype=torch.float64)  # on actual's device: no copy of GPU results to the host
+    e = expected.detach().to(device=a.device, dtype=torch.float64)
     if a.numel() == 0:
         return 0.0
     if not torch.isfinite(a).all():
