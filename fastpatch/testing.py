@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -36,6 +37,7 @@ __all__ = [
     "launch_specialization",
     "recorded_launches",
     "compile_summary",
+    "resource_usage",
     "selected_compile_cases",
     "print_compile_results",
     "compile_results_in_subprocesses",
@@ -169,11 +171,12 @@ def compile_summary(kernel, spec, capability: int, num_warps: int = 4, num_stage
 
     Returns:
         ``{"wgmma": bool, "mma_sync": bool, "shared": bytes, "divisibility_hints": int,
-        "vector_loads": int, "narrow_async_copies": int}``: whether the PTX uses Hopper (``wgmma``)
+        "vector_loads": int, "narrow_async_copies": int, "registers": int, "local_bytes": int,
+        "stack": int}``: whether the PTX uses Hopper (``wgmma``)
         or Ampere (``mma.sync``) tensor-core instructions, the shared memory used, how many kernel
         arguments carry ``tt.divisibility = 16`` in the TTIR, how many 16-byte global loads the PTX
-        has (``ld.global.v4`` and ``cp.async.cg``, which needs 16 bytes), and how many ``cp.async``
-        copy 4 or 8 bytes only.
+        has (``ld.global.v4`` and ``cp.async.cg``, which needs 16 bytes), how many ``cp.async``
+        copy 4 or 8 bytes only, and :func:`resource_usage`'s registers, stack (register spills) and local bytes.
     """
     compiled = compile_for_gpu(kernel, spec, capability, num_warps=num_warps, num_stages=num_stages)
     ptx, ttir = compiled.asm["ptx"], compiled.asm["ttir"]
@@ -181,7 +184,35 @@ def compile_summary(kernel, spec, capability: int, num_warps: int = 4, num_stage
     return {"wgmma": "wgmma" in ptx, "mma_sync": "mma.sync" in ptx, "shared": compiled.metadata.shared,
             "divisibility_hints": signature.count("tt.divisibility = 16"),
             "vector_loads": len(re.findall(r"ld\.global[.\w]*\.v4\.|cp\.async\.cg\.", ptx)),
-            "narrow_async_copies": len(re.findall(r"cp\.async\.ca\.shared\.global[^;]*, 0x[48],", ptx))}
+            "narrow_async_copies": len(re.findall(r"cp\.async\.ca\.shared\.global[^;]*, 0x[48],", ptx)),
+            **resource_usage(compiled.asm["cubin"])}
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """``{"registers": per thread, "stack": stack-frame bytes per thread, "local_bytes": other local memory}``
+    of a compiled kernel, read from its cubin by the ``cuobjdump`` bundled with Triton (no GPU needed).
+
+    Triton kernels make no calls and keep no local arrays, so a stack frame holds register spills:
+    ``stack > 0`` means the kernel spills (ptxas's "bytes spill stores").
+
+    Raises:
+        RuntimeError: no ``cuobjdump`` beside Triton's ``ptxas``, or output it cannot read.
+    """
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        raise RuntimeError(f"no cuobjdump at {tool}: this triton does not bundle it")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        report = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report.stdout)
+    if report.returncode != 0 or found is None:
+        raise RuntimeError(f"cuobjdump --dump-resource-usage gave no resource line: {report.stdout}{report.stderr}")
+    registers, stack, local = map(int, found.groups())
+    return {"registers": registers, "local_bytes": local, "stack": stack}
 
 
 def selected_compile_cases(cases: Sequence[tuple]) -> List[tuple]:
