@@ -131,6 +131,9 @@ def test_compiles_for_gpu(compiled_cases, case, capability, dtype, options):
         assert spec["shared"] <= SHARED_MEMORY_LIMIT[capability], where
         assert spec["divisibility_hints"] == len(spec["divisible"]) > 0, where  # the hints reached the compiler
         assert spec["vector_loads"] > 0, f"{where}: no 16-byte global load in the PTX"
+        if case.startswith("patch_embed_fwd_kernel"):  # inference; the backward kernels' spills: kernels/patch_embed.py
+            assert spec["stack"] == spec["local_bytes"] == 0, (
+                f"{where}: {spec['stack']} stack bytes per thread (register spills) at {spec['registers']} registers")
         if not options.get("many_ar", True):
             # Every operand of a landscape-only launch is contiguous along one axis (a ManyAR
             # portrait sample is read transposed), so none is copied to shared memory in pieces.

@@ -171,6 +171,27 @@ def test_compiles_for_gpu(compiled_cases, case, kernel, dtype, capability):
         assert set(pointers) <= set(spec["divisible"]), where
         assert spec["divisibility_hints"] == len(spec["divisible"]), where
         assert spec["vector_loads"] > 0, f"{where}: no 16-byte global loads in the PTX"
+        if _must_not_spill(kernel, dtype, capability, case):
+            assert spec["stack"] == spec["local_bytes"] == 0, (
+                f"{where}: {spec['stack']} stack bytes per thread (register spills) at {spec['registers']} registers")
+
+
+def _must_not_spill(kernel, dtype: torch.dtype, capability: int, case: str) -> bool:
+    """DUSt3R's attention on Hopper -- head dim 64, fp16/bf16, every kernel and RoPE variant -- and the RoPE
+    kernel everywhere compile without register spills. Other configurations do spill (triton 3.7.1; the
+    ``kernels/rope_attention_configs.py`` docstring lists them with the static sweep's evidence) and
+    wait for GPU tuning."""
+    if kernel.__name__ == "rope_rotate_kernel":
+        return True
+    return capability == 90 and dtype != torch.float32 and f"-d{DUST3R_HEAD_DIM}-" in case
+
+
+def test_the_no_spill_rule_covers_dust3r_on_hopper():
+    """Every head-dim-64 half-precision Hopper case (2 dtypes x (3 kernels x 3 RoPE variants + the RoPE kernel))
+    is held to no spills: the rule cannot quietly select nothing."""
+    held = [case for case, kernel, _, dtype, capability in ALL_CASES if _must_not_spill(kernel, dtype, capability, case)]
+    dust3r_hopper = [c for c in ALL_CASES if c[4] == 90 and c[3] != torch.float32 and "-d64-" in c[0]]
+    assert len(dust3r_hopper) == 2 * (3 * 3 + 1) and set(c[0] for c in dust3r_hopper) <= set(held)
 
 
 @cpu_ci_only
