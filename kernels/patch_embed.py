@@ -54,9 +54,14 @@ class PatchEmbedConfig(NamedTuple):
     num_stages: int
 
 
-# Keyed by (capability class 80|90, "fp32"|"half", wide = embed_dim > 64). The GEMM is
-# memory-bound at DUSt3R sizes (K = 768, M = B * N <= ~6k), so tiles only need to keep tensor
-# cores busy; fp32 keeps smaller tiles because it runs IEEE fp32 FMA (no TF32, for parity).
+# Keyed by (capability class 80|90, "fp32"|"half", wide = embed_dim > 64); one entry serves the forward
+# and both backward kernels. At DUSt3R's size (batch 8 of 512x384: M = 6144, K = 768, E = 1024) the GEMM
+# does ~410 FLOP per byte it must move, just over an H100's ridge point (~270 for bf16): mildly compute-
+# bound, a few microseconds either way (bench/GPU_NOTES.md). fp32 keeps smaller tiles (its products run
+# on IEEE FMA, or on TF32 tensor cores when cuDNN's TF32 switch is on). Not timed on a GPU yet; static
+# evidence (CPU compiles, bench/results/2026-11-27-static/): the forward entries compile without
+# register spills, the half-precision sm_90 entry's backward kernels spill 40-112 B per thread.
+# Tuning: bench/sweep_patch_embed.py on a GPU (bench/gpu_tune.sh).
 PATCH_EMBED_CONFIGS: Dict[Tuple[int, str, bool], PatchEmbedConfig] = {
     (80, "fp32", False): PatchEmbedConfig(64, 64, 32, 4, 3),
     (80, "fp32", True): PatchEmbedConfig(64, 64, 32, 4, 3),

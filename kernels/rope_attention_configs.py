@@ -15,6 +15,13 @@ registers and shared memory too, so its entries take the half-precision tile sha
 (Dh 32/64; the forward and dQ with 2 stages, dK/dV with 1) and IEEE fp32's backward tiles at Dh 128,
 within sm_80's 99 KB. These TF32 tiles were chosen from the shared memory of the AOT compiles, not
 tuned on a GPU.
+
+No entry has been timed on a GPU yet. Static evidence (CPU compiles, triton 3.7.1,
+``bench/results/2026-11-27-static/``): on sm_90 every head-dim-64 fp16/bf16 entry compiles without
+register spills (the compile tests hold that); the IEEE-fp32 and TF32 backward entries and, on sm_80,
+the half-precision dK/dV entry spill (200 B per thread there; 32-row query tiles do not). Tuning:
+``bench/sweep_attention.py`` on a GPU (``bench/gpu_tune.sh``), then record the choice and its results
+folder here.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
