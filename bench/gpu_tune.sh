@@ -11,8 +11,9 @@
 # a hard `timeout`, the sweeps also stop starting new steps 15 s before theirs ends, and every step keeps what
 # it finished (the sweeps rewrite their JSON after each step).
 #   bash bench/gpu_tune.sh [OUT] [TOTAL]
+# GPU_TUNE_STEPS: which of "attention patch_embed pair" to run, in order (their shares then fill TOTAL);
 # SWEEP_VARIANTS_ATTENTION (default bf16,tf32; also fp16, fp32), SWEEP_VARIANTS_PATCH_EMBED (default
-# bf16,tf32; also fp32); FASTPATCH_BENCH_COMPILE=1 adds the pair bench's torch.compile rows (minutes).
+# bf16; also tf32, fp32); FASTPATCH_BENCH_COMPILE=1 adds the pair bench's torch.compile rows (minutes).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -36,13 +37,27 @@ step() {  # step NAME LIMIT COMMAND...: run COMMAND under a hard LIMIT seconds, 
     [ "$rc" -eq 0 ] || status=$rc
     echo "$name: $((SECONDS - start)) s of $limit (exit $rc)" | tee -a "$out/steps.txt"
 }
-attention=$(( total * 45 / 100 )) patch_embed=$(( total * 15 / 100 )) pair=$(( total * 40 / 100 ))
-step sweep-attention "$attention" python -m bench.sweep_attention --out "$out" --budget-s $(( attention - 15 )) \
-    --variants "${SWEEP_VARIANTS_ATTENTION:-bf16,tf32}"
-step sweep-patch-embed "$patch_embed" python -m bench.sweep_patch_embed --out "$out" \
-    --budget-s $(( patch_embed - 15 )) --variants "${SWEEP_VARIANTS_PATCH_EMBED:-bf16,tf32}"
-start=$SECONDS rc=0
-BENCH_FILES=pair_latency BENCH_TIMEOUT_PAIR_LATENCY="$pair" bash bench/run.sh "$out" || rc=$?
-[ "$rc" -eq 0 ] || status=$rc
-echo "pair latency + report: $((SECONDS - start)) s of $pair (exit $rc); results in $out" | tee -a "$out/steps.txt"
+# Shares of TOTAL per step (GPU_TUNE_STEPS picks and orders them; the shares of the chosen ones fill TOTAL).
+declare -A share=([attention]=45 [patch_embed]=15 [pair]=40)
+steps="${GPU_TUNE_STEPS:-attention patch_embed pair}"
+weights=0
+for name in $steps; do
+    [ -n "${share[$name]:-}" ] || { echo "gpu_tune.sh: unknown step '$name' in GPU_TUNE_STEPS" >&2; exit 2; }
+    weights=$(( weights + share[$name] ))
+done
+for name in $steps; do
+    limit=$(( total * share[$name] / weights ))
+    case "$name" in
+        attention) step sweep-attention "$limit" python -m bench.sweep_attention --out "$out" \
+            --budget-s $(( limit - 15 )) --variants "${SWEEP_VARIANTS_ATTENTION:-bf16,tf32}" ;;
+        patch_embed) step sweep-patch-embed "$limit" python -m bench.sweep_patch_embed --out "$out" \
+            --budget-s $(( limit - 15 )) --variants "${SWEEP_VARIANTS_PATCH_EMBED:-bf16}" ;;
+        pair)
+            start=$SECONDS rc=0
+            BENCH_FILES=pair_latency BENCH_TIMEOUT_PAIR_LATENCY="$limit" bash bench/run.sh "$out" || rc=$?
+            [ "$rc" -eq 0 ] || status=$rc
+            echo "pair latency + report: $((SECONDS - start)) s of $limit (exit $rc)" | tee -a "$out/steps.txt" ;;
+    esac
+done
+echo "results in $out (exit $status)" | tee -a "$out/steps.txt"
 exit "$status"
