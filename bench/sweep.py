@@ -31,8 +31,8 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 import torch
 
 __all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms",
-           "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "tf32_switch", "dense_peak",
-           "header_lines", "main", "write_json", "shard"]
+           "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "tf32_switch", "tolerance",
+           "dense_peak", "header_lines", "main", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
 WARMUP_MS, REPETITION_MS = 10, 40
@@ -256,6 +256,15 @@ def tf32_switch(backend, enabled: bool) -> Iterator[None]:
         backend.allow_tf32 = saved
 
 
+def tolerance(dtype: torch.dtype, tf32: bool, step: str) -> float:
+    """The largest relative error a candidate may have (:data:`fastpatch.testing.TOLERANCES`): the
+    forward bound for ``step == "forward"``, the gradient bound otherwise; TF32's row when ``tf32``."""
+    from fastpatch.testing import TOLERANCES
+
+    bounds = TOLERANCES["tf32" if tf32 else dtype]
+    return bounds.forward if step == "forward" else bounds.backward
+
+
 def dense_peak(device: torch.device, dtype: torch.dtype, tf32: bool) -> Optional[float]:
     """The GPU's dense peak TFLOP/s for ``dtype`` (float32 on TF32 tensor cores when ``tf32``); None on CPU."""
     if device.type != "cuda":
@@ -295,7 +304,8 @@ def main(argv: Optional[Sequence[str]], description: str, variants: Sequence[str
     write (``OUT/<report_name stem>.json``) and returns 130."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", required=True, help="results folder (created)")
-    parser.add_argument("--variants", default=",".join(variants), help="comma-separated subset of " + ",".join(variants))
+    parser.add_argument("--variants", default=",".join(variants),
+                        help="comma-separated subset of " + ",".join(variants))
     parser.add_argument("--shape", action="append", metavar=f"NAME={shape_fields}",
                         help="replace the DUSt3R shapes (repeatable)")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new step after this many seconds")

@@ -41,7 +41,7 @@ from fastpatch.kernels.rope_attention_configs import (
 )
 from fastpatch.launchers.rope_attention import override_config, rope_attention_backward, rope_attention_forward
 from fastpatch.ops.rope_attention_torch import rope_attention_torch
-from fastpatch.testing import TOLERANCES, relative_error
+from fastpatch.testing import relative_error
 
 from . import flops, sweep
 from .sweep import (
@@ -58,6 +58,7 @@ from .sweep import (
     sweep_steps,
     tf32_switch,
     timer,
+    tolerance,
     write_json,
 )
 
@@ -190,12 +191,6 @@ def _config_dict(config: RopeAttentionConfig) -> Dict[str, object]:
     return dataclasses.asdict(config)
 
 
-def _tolerance(variant: str, step: str) -> float:
-    dtype, precision = VARIANTS[variant]
-    tolerance = TOLERANCES["tf32" if precision == "tf32" else dtype]
-    return tolerance.forward if step == "forward" else tolerance.backward
-
-
 def _probes(step: str, shapes: Dict[str, Inputs]) -> Dict[str, Probe]:
     return {name: Probe(errors=lambda inputs=inputs: _errors(step, inputs),
                         make_call=lambda inputs=inputs: _timed_call(step, inputs),
@@ -220,7 +215,7 @@ def measure(variant: str, step: str, config: RopeAttentionConfig, shapes: Dict[s
     """One candidate of ``step`` at every shape (:func:`bench.sweep.measure_candidate`)."""
     row = {"variant": variant, "step": step, "config": _config_dict(config)}
     return measure_candidate(row, _launching(variant, config, device), _probes(step, shapes),
-                             _tolerance(variant, step), device, peak)
+                             tolerance(VARIANTS[variant][0], VARIANTS[variant][1] == "tf32", step), device, peak)
 
 
 def _with(config: RopeAttentionConfig, step: str, value) -> RopeAttentionConfig:

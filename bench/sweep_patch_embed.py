@@ -36,7 +36,7 @@ from fastpatch.launchers.patch_embed import (
     patch_embed_grad_params,
 )
 from fastpatch.ops.patch_embed_torch import patch_embed_torch
-from fastpatch.testing import TOLERANCES, relative_error
+from fastpatch.testing import relative_error
 
 from . import flops, sweep
 from .sweep import (
@@ -53,6 +53,7 @@ from .sweep import (
     sweep_steps,
     tf32_switch,
     timer,
+    tolerance,
     write_json,
 )
 
@@ -177,12 +178,6 @@ def _launching(variant: str, config: Optional[PatchEmbedConfig], inputs: Inputs)
     return context
 
 
-def _tolerance(variant: str, step: str) -> float:
-    dtype, tf32 = VARIANTS[variant]
-    tolerance = TOLERANCES["tf32" if tf32 else dtype]
-    return tolerance.forward if step == "forward" else tolerance.backward
-
-
 def _config_dict(config: PatchEmbedConfig) -> Dict[str, int]:
     return config._asdict()
 
@@ -196,7 +191,8 @@ def measure(variant: str, step: str, config: PatchEmbedConfig, shapes: Dict[str,
                           make_call=lambda inputs=inputs: _kernel_call(step, inputs), flops=_flops(step, inputs))
               for name, inputs in shapes.items()}
     row = {"variant": variant, "step": step, "config": _config_dict(config)}
-    return measure_candidate(row, _launching(variant, config, first), probes, _tolerance(variant, step), device, peak)
+    return measure_candidate(row, _launching(variant, config, first), probes, tolerance(*VARIANTS[variant], step),
+                             device, peak)
 
 
 def _compare(variant: str, step: str, table: PatchEmbedConfig, best: PatchEmbedConfig, shapes: Dict[str, Inputs],
