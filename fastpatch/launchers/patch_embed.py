@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-import triton
 
 from fastpatch.backend import interpreter_active
 from fastpatch.kernels.patch_embed import (
@@ -35,6 +34,7 @@ from fastpatch.kernels.patch_embed import (
 )
 from fastpatch.launchers.config_check import check_tile_config
 from fastpatch.launchers.device import launch_device
+from fastpatch.launchers.grid import cdiv
 from fastpatch.launchers.precision import conv_dot_precision
 
 __all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image", "override_config"]
@@ -81,26 +81,35 @@ def override_config(config: PatchEmbedConfig, device: torch.device, dtype: torch
             _OVERRIDES[key] = saved
 
 
-def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
-    """Config plus the constexpr/geometry arguments every kernel shares."""
-    batch, _, height, width = img.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    config = _OVERRIDES.get((img.device, img.dtype, weight.shape[0])) if _OVERRIDES else None
+#: (device, dtype, embed dim, patch, ManyAR, dot precision) -> (config, launch keywords): built once each.
+_LAUNCH_KEYWORDS: Dict[Tuple[torch.device, torch.dtype, int, int, bool, str], Tuple[PatchEmbedConfig, dict]] = {}
+
+
+def _launch_keywords(device: torch.device, dtype: torch.dtype, embed_dim: int, patch_size: int, many_ar: bool,
+                     precision: str) -> Tuple[PatchEmbedConfig, dict]:
+    config = _OVERRIDES.get((device, dtype, embed_dim)) if _OVERRIDES else None
     if config is None:
-        config = patch_embed_config(weight.shape[0], img.dtype, _capability(img.device))
-    constexprs = dict(
-        PATCH=patch_size,
-        MANY_AR=portrait is not None,
-        UPCAST=_UPCAST,
-        DOT_PRECISION=conv_dot_precision(img.dtype),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+        config = patch_embed_config(embed_dim, dtype, _capability(device))
+    return config, dict(PATCH=patch_size, MANY_AR=many_ar, UPCAST=_UPCAST, DOT_PRECISION=precision,
+                        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                        num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
+    """Config, the constexpr/launch keywords (cached, except while a config is overridden) and the
+    geometry arguments every kernel shares."""
+    batch, _, height, width = img.shape
+    embed_dim, in_chans = weight.shape[:2]
+    key = (img.device, img.dtype, embed_dim, patch_size, portrait is not None, conv_dot_precision(img.dtype))
+    cached = None if _OVERRIDES else _LAUNCH_KEYWORDS.get(key)
+    if cached is None:
+        cached = _launch_keywords(*key)
+        if not _OVERRIDES:
+            _LAUNCH_KEYWORDS[key] = cached
+    config, constexprs = cached
+    grid_h, grid_w = height // patch_size, width // patch_size
     num_tokens = grid_h * grid_w
-    geometry = (batch * num_tokens, num_tokens, grid_h, grid_w, weight.shape[0], weight[0].numel())
+    geometry = (batch * num_tokens, num_tokens, grid_h, grid_w, embed_dim, in_chans * patch_size * patch_size)
     return config, constexprs, geometry
 
 
@@ -120,7 +129,7 @@ def patch_embed_forward(img: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     pos = torch.empty((img.shape[0], num_tokens, 2), device=img.device, dtype=torch.int64)
     if total_tokens == 0:
         return tokens, pos
-    grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(embed_dim, config.block_n))
+    grid = (cdiv(total_tokens, config.block_m), cdiv(embed_dim, config.block_n))
     with launch_device(img.device):
         patch_embed_fwd_kernel[grid](
             img, weight_2d, bias, img if portrait is None else portrait, tokens, pos,
@@ -149,7 +158,7 @@ def patch_embed_grad_params(grad_tokens: torch.Tensor, img: torch.Tensor, weight
                 torch.zeros((embed_dim,), device=weight.device, dtype=weight.dtype))
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_bias = torch.empty((embed_dim,), device=weight.device, dtype=weight.dtype)
-    grid = (triton.cdiv(embed_dim, config.block_n), triton.cdiv(patch_pixels, config.block_k))
+    grid = (cdiv(embed_dim, config.block_n), cdiv(patch_pixels, config.block_k))
     with launch_device(img.device):
         patch_embed_grad_weight_kernel[grid](
             img, grad_tokens, img if portrait is None else portrait, grad_weight, grad_bias,
@@ -177,7 +186,7 @@ def patch_embed_grad_image(grad_tokens: torch.Tensor, img: torch.Tensor, weight:
     grad_img = torch.empty_like(img, memory_format=torch.preserve_format)
     if total_tokens == 0:
         return grad_img
-    grid = (triton.cdiv(total_tokens, config.block_m), triton.cdiv(patch_pixels, config.block_k))
+    grid = (cdiv(total_tokens, config.block_m), cdiv(patch_pixels, config.block_k))
     with launch_device(img.device):
         patch_embed_grad_image_kernel[grid](
             grad_tokens, weight_2d, img if portrait is None else portrait, grad_img,

@@ -44,6 +44,7 @@ from ..kernels.rope_attention_configs import (
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
 from .config_check import check_tile_config
 from .device import launch_device, refuse_first_use_in_capture
+from .grid import cdiv
 from .precision import matmul_dot_precision
 
 __all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "override_config", "rope_rotate",
@@ -189,10 +190,6 @@ def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: 
     return specializations
 
 
-def _cdiv(n: int, block: int) -> int:
-    return -(-n // block)
-
-
 def _position_args(pos: Optional[torch.Tensor], plan: LaunchPlan):
     """(tensor, stride_b, stride_n, stride_c) for a (B, N, 2) position tensor, or the placeholder."""
     if pos is None:
@@ -226,7 +223,7 @@ def _rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, keywo
     out = torch.empty((batch, heads, seq_len, head_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    rope_rotate_kernel[(_cdiv(seq_len, keywords["BLOCK_N"]), batch * heads)](
+    rope_rotate_kernel[(cdiv(seq_len, keywords["BLOCK_N"]), batch * heads)](
         x, pos, frequencies, out, *x.stride(), *pos.stride(), *out.stride(), heads, seq_len, **keywords)
     return out
 
@@ -282,7 +279,7 @@ def rope_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     with launch_device(device):
         if rope and not in_loop:
             k = _rotate(k, k_pos, frequencies, plan.rotation)
-        rope_attention_fwd_kernel[(_cdiv(seq_q, keywords["BLOCK_M"]), batch * heads)](
+        rope_attention_fwd_kernel[(cdiv(seq_q, keywords["BLOCK_M"]), batch * heads)](
             q, k, v, q_pos_args[0], k_pos_args[0], frequencies, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_head_major_strides(out), *q_pos_args[1:], *k_pos_args[1:],
             heads, seq_q, seq_k, scale, **keywords)
@@ -329,12 +326,12 @@ def rope_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
             q_inner = _rotate(q, q_pos, frequencies, plan.rotation)
             k_inner = _rotate(k, k_pos, frequencies, plan.rotation)
         # dQ (and delta) over query blocks: the query tile is rotated in-kernel, keys come from k_inner
-        rope_attention_bwd_dq_kernel[(_cdiv(seq_q, dq_keywords["BLOCK_M"]), batch * heads)](
+        rope_attention_bwd_dq_kernel[(cdiv(seq_q, dq_keywords["BLOCK_M"]), batch * heads)](
             q, k_inner, v, out, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_q,
             *q.stride(), *k_inner.stride(), *v.stride(), *out_strides, *grad_out_strides, *grad_q.stride(),
             *q_pos_args[1:], *k_pos_args[1:], heads, seq_q, seq_k, scale, **dq_keywords)
         # dK, dV over key blocks: the key tile is rotated in-kernel, queries come from q_inner
-        rope_attention_bwd_dkdv_kernel[(_cdiv(seq_k, dkdv_keywords["BLOCK_N"]), batch * heads)](
+        rope_attention_bwd_dkdv_kernel[(cdiv(seq_k, dkdv_keywords["BLOCK_N"]), batch * heads)](
             q_inner, k, v, grad_out, lse, delta, q_pos_args[0], k_pos_args[0], frequencies, grad_k, grad_v,
             *q_inner.stride(), *k.stride(), *v.stride(), *grad_out_strides, *grad_k.stride(), *grad_v.stride(),
             *q_pos_args[1:], *k_pos_args[1:], heads, seq_q, seq_k, scale, **dkdv_keywords)
