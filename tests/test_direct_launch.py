@@ -105,3 +105,18 @@ def test_compiled_inference_keeps_the_custom_ops(device, custom_op_calls):
         eager = attend(q, k, v, pos)
     assert "rope_attention_fwd" in custom_op_calls
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_jit_tracing_keeps_the_custom_ops(device, custom_op_calls):
+    """torch.jit.trace records ops, not launches: a traced inference call must hold the custom op, so the
+    traced function computes on new inputs (a direct launch would leave only the output allocation)."""
+    q, k, v, pos = _attention(device)
+
+    def attend(q, k, v, pos):
+        return fastpatch.rope_attention(q, k, v, pos)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(attend, (q, k, v, pos), check_trace=False)
+        new = tuple(t * 0.5 for t in (q, k, v)) + (pos,)
+        torch.testing.assert_close(traced(*new), attend(*new), rtol=0, atol=0)
+    assert "rope_attention_fwd" in custom_op_calls

@@ -20,17 +20,19 @@ _C = torch._C
 _DISPATCH_MODES = getattr(_C, "_len_torch_dispatch_stack", None)
 _FUNCTION_MODES = getattr(_C, "_is_torch_function_mode_enabled", None)
 _FUNCTORCH = getattr(_C, "_are_functorch_transforms_active", None)
-_AVAILABLE = None not in (_DISPATCH_MODES, _FUNCTION_MODES, _FUNCTORCH)
+_JIT_TRACING = getattr(_C, "_get_tracing_state", None)
+_AVAILABLE = None not in (_DISPATCH_MODES, _FUNCTION_MODES, _FUNCTORCH, _JIT_TRACING)
 
 
 def launch_directly(*tensors: Optional[torch.Tensor]) -> bool:
     """True when a call on ``tensors`` (None entries ignored) may run the launcher without the custom op:
     nothing will record it -- autograd (grad mode on and an input requiring grad), ``torch.compile``
-    tracing, a torch dispatch or function mode (fake tensors, export, spies), a functorch transform --
+    tracing, ``torch.jit.trace`` (TorchScript / legacy ONNX export: it records ops, never a launcher),
+    a torch dispatch or function mode (fake tensors, export, spies), a functorch transform --
     and every input is a plain ``torch.Tensor`` (no subclass such as ``FakeTensor``)."""
     if not _AVAILABLE or torch.compiler.is_compiling():
         return False
-    if _DISPATCH_MODES() or _FUNCTION_MODES() or _FUNCTORCH():
+    if _DISPATCH_MODES() or _FUNCTION_MODES() or _FUNCTORCH() or _JIT_TRACING() is not None:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
