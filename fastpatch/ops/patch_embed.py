@@ -16,6 +16,7 @@ import torch
 
 from ..backend import select_backend
 from ..launchers.device import capturing_cuda_graph
+from .forward_ad import carries_tangents
 from ..triton_available import imported_once
 from .patch_embed_torch import patch_embed_torch
 
@@ -179,8 +180,12 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     _check_dtypes(img, weight, bias)
     portrait = _portrait_flags(img, true_shape) if many_ar else None
     if backend == "triton":
-        if img.dtype in TRITON_DTYPES:
+        if img.dtype not in TRITON_DTYPES:
+            reason = f"the Triton patch-embedding kernels support float32/float16/bfloat16, got {img.dtype}"
+        elif carries_tangents(img, weight, bias):
+            reason = "the Triton patch-embedding kernels have no forward-mode AD formula (dual tensors)"
+        else:
             return _triton_op()(img, weight, bias, p, portrait)
-        warnings.warn(f"fastpatch: the Triton patch-embedding kernels support float32/float16/bfloat16, got "
-                      f"{img.dtype}; this patch embedding runs on the torch path", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"fastpatch: {reason}; this patch embedding runs on the torch path", RuntimeWarning,
+                      stacklevel=2)
     return patch_embed_torch(img, weight, bias, p, portrait)

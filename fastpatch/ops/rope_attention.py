@@ -17,6 +17,7 @@ import torch
 from ..backend import select_backend
 from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # a plain table: no triton import
 from ..triton_available import imported_once
+from .forward_ad import carries_tangents
 from .rope_attention_torch import rope_attention_torch
 
 __all__ = ["rope_attention"]
@@ -60,8 +61,10 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int) -> torch.T
     return pos
 
 
-def _triton_unsupported(q: torch.Tensor, dropout_p: float) -> Optional[str]:
+def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> Optional[str]:
     """Why the Triton kernels cannot run this call, or None when they can."""
+    if carries_tangents(q, k, v):
+        return "the Triton attention kernels have no forward-mode AD formula (dual tensors)"
     if dropout_p > 0.0:
         return "the Triton attention kernels have no dropout (dropout_p > 0)"
     if q.shape[-1] not in TRITON_HEAD_DIMS:
@@ -132,7 +135,7 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
 
     backend = select_backend(q, k, v, q_pos, k_pos)
     if backend == "triton":
-        reason = _triton_unsupported(q, dropout_p)
+        reason = _triton_unsupported(q, k, v, dropout_p)
         if reason is not None:
             warnings.warn(f"fastpatch: {reason}; this attention runs on the torch path", RuntimeWarning, stacklevel=2)
             backend = "torch"
