@@ -32,7 +32,7 @@ from fastpatch.kernels.patch_embed import (
     patch_embed_grad_image_kernel,
     patch_embed_grad_weight_kernel,
 )
-from fastpatch.launchers.config_check import check_tile_config
+from fastpatch.launchers.config_override import check_tile_config, temporary_entry
 from fastpatch.launchers.device import launch_device
 from fastpatch.launchers.grid import cdiv
 from fastpatch.launchers.precision import conv_dot_precision
@@ -69,16 +69,8 @@ def override_config(config: PatchEmbedConfig, device: torch.device, dtype: torch
     """
     check_tile_config("patch_embed", {"block_m": config.block_m, "block_n": config.block_n,
                                       "block_k": config.block_k}, config.num_warps, config.num_stages)
-    key = (device, dtype, embed_dim)
-    saved = _OVERRIDES.get(key)
-    _OVERRIDES[key] = config
-    try:
+    with temporary_entry(_OVERRIDES, (device, dtype, embed_dim), config):
         yield
-    finally:
-        if saved is None:
-            del _OVERRIDES[key]
-        else:
-            _OVERRIDES[key] = saved
 
 
 #: (device, dtype, embed dim, patch, ManyAR, dot precision) -> (config, launch keywords): built once each.

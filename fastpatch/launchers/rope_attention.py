@@ -42,7 +42,7 @@ from ..kernels.rope_attention_configs import (
     rope_attention_config,
 )
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
-from .config_check import check_tile_config
+from .config_override import check_tile_config, temporary_entry
 from .device import launch_device, refuse_first_use_in_capture
 from .grid import cdiv
 from .precision import matmul_dot_precision
@@ -156,16 +156,9 @@ def override_config(config: RopeAttentionConfig, device: torch.device, dtype: to
         check_tile_config(name, {"block_m": kernel.block_m, "block_n": kernel.block_n}, kernel.num_warps,
                           kernel.num_stages)
     _resolve_k_rotation(config.k_rotation, config)
-    key = (device, dtype, head_dim, precision)
-    saved = _PLANS.get(key)
-    _PLANS[key] = _build_plan(device, dtype, head_dim, precision, config)
-    try:
+    with temporary_entry(_PLANS, (device, dtype, head_dim, precision),
+                         _build_plan(device, dtype, head_dim, precision, config)):
         yield
-    finally:
-        if saved is None:
-            _PLANS.pop(key, None)
-        else:
-            _PLANS[key] = saved
 
 
 def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: int) -> List[Tuple[object, dict]]:

@@ -16,8 +16,8 @@ import torch
 
 from ..backend import select_backend
 from ..launchers.device import capturing_cuda_graph
-from .forward_ad import carries_tangents
 from ..triton_available import imported_once
+from .forward_ad import carries_tangents
 from .patch_embed_torch import patch_embed_torch
 
 __all__ = ["patch_embed"]
