@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["Deadline", "Probe", "time_ms", "timer", "measure_candidate", "interleaved_ratio", "total_ms",
            "sweep_steps", "step_table", "environment", "compile_pool", "precompile", "tf32_switch", "tolerance",
-           "dense_peak", "header_lines", "main", "write_json", "shard"]
+           "sweep_device", "step_sections", "dense_peak", "header_lines", "main", "write_json", "shard"]
 
 #: do_bench settings on CUDA (milliseconds of warm-up and of timed repetitions per candidate).
 WARMUP_MS, REPETITION_MS = 10, 40
@@ -265,6 +265,24 @@ def tolerance(dtype: torch.dtype, tf32: bool, step: str) -> float:
     return bounds.forward if step == "forward" else bounds.backward
 
 
+def sweep_device() -> torch.device:
+    """Where a sweep runs: the current CUDA device by index (the key its launchers' overrides use), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def step_sections(document: Dict[str, object], variants: Sequence[str],
+                  steps: Sequence[str]) -> Iterator[Tuple[str, str, List[Dict[str, object]], Optional[Dict]]]:
+    """(variant, step, its candidate rows, its interleaved comparison or None) for every step that ran, in
+    ``variants`` x ``steps`` order: what a sweep's markdown reports section by section."""
+    for variant in variants:
+        for step in steps:
+            rows = [r for r in document["rows"] if r["variant"] == variant and r["step"] == step]
+            if rows:
+                comparison = next((c for c in document["comparisons"]
+                                   if c["variant"] == variant and c["step"] == step), None)
+                yield variant, step, rows, comparison
+
+
 def dense_peak(device: torch.device, dtype: torch.dtype, tf32: bool) -> Optional[float]:
     """The GPU's dense peak TFLOP/s for ``dtype`` (float32 on TF32 tensor cores when ``tf32``); None on CPU."""
     if device.type != "cuda":
@@ -324,7 +342,7 @@ def main(argv: Optional[Sequence[str]], description: str, variants: Sequence[str
             shapes[name] = tuple(int(size) for size in sizes.split(","))
             if len(shapes[name]) != len(shape_fields.split(",")):
                 parser.error(f"--shape {spec!r}: expected NAME={shape_fields}")
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = sweep_device()
     os.makedirs(args.out, exist_ok=True)
     status = 0
     try:

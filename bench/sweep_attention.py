@@ -54,7 +54,9 @@ from .sweep import (
     interleaved_ratio,
     measure_candidate,
     precompile,
+    step_sections,
     step_table,
+    sweep_device,
     sweep_steps,
     tf32_switch,
     timer,
@@ -235,7 +237,7 @@ def _compile_worker(jobs: List[Tuple[str, str, Dict[str, object], Tuple[int, int
     """Precompile worker (a spawned process): launch each (variant, step, config, shape) once at batch 1
     (same specialisation as the timed batch-8 call: batch is only in the grid), filling Triton's cache.
     Returns ``{job: error}`` for the jobs that raised."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = sweep_device()
     failures = {}
     for variant, step, config, shape in jobs:
         config = _config_from_dict(config)
@@ -326,20 +328,14 @@ def markdown(document: Dict[str, object]) -> str:
     best-vs-table ratios and the chosen configs (to copy into ``kernels/rope_attention_configs.py``)."""
     lines = header_lines("RoPE attention launch-config sweep", document,
                          f"shapes (B, H, N) at head dim {document['head_dim']}", "backward: 2.5x the forward")
-    for variant in VARIANTS:
-        for step in STEPS:
-            rows = [r for r in document["rows"] if r["variant"] == variant and r["step"] == step]
-            if not rows:
-                continue
-            comparison = next((c for c in document["comparisons"]
-                               if c["variant"] == variant and c["step"] == step), None)
-            baseline = rows[0]["config"]  # each step times the table's option first
-            lines += [f"## {variant} {step}", ""] + step_table(rows, _describe(step), baseline) + [""]
-            if comparison:
-                ratios = ", ".join(f"{name} {r['ratio']:.3f}x" for name, r in comparison["ratio"].items())
-                same = " (the best is the table's entry: the spread of the timing)" if (
-                    comparison["best"] == comparison["table"]) else ""
-                lines += [f"Best so far vs the table's entry, interleaved (> 1: best faster): {ratios}{same}", ""]
+    for variant, step, rows, comparison in step_sections(document, VARIANTS, STEPS):
+        baseline = rows[0]["config"]  # each step times the table's option first
+        lines += [f"## {variant} {step}", ""] + step_table(rows, _describe(step), baseline) + [""]
+        if comparison:
+            ratios = ", ".join(f"{name} {r['ratio']:.3f}x" for name, r in comparison["ratio"].items())
+            same = " (the best is the table's entry: the spread of the timing)" if (
+                comparison["best"] == comparison["table"]) else ""
+            lines += [f"Best so far vs the table's entry, interleaved (> 1: best faster): {ratios}{same}", ""]
     if document["chosen"]:
         lines += ["## Chosen configs", ""]
         lines += [f"- {variant}: {config}" for variant, config in document["chosen"].items()]

@@ -19,9 +19,7 @@ Runs without ``TRITON_INTERPRET`` (the interpreter changes the launch keywords, 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
-import multiprocessing
 import os
 import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -29,7 +27,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from . import sweep_attention, sweep_patch_embed
-from .sweep import environment, shard, tf32_switch, write_json
+from .sweep import compile_pool, environment, shard, tf32_switch, write_json
 
 __all__ = ["resident_programs", "jobs", "compile_job", "run", "markdown", "main"]
 
@@ -152,11 +150,10 @@ def run(out_dir: str, capability: int, workers: int, selected: Optional[Sequence
     todo = list(selected) if selected is not None else jobs(capability)
     document: Dict[str, object] = {"environment": environment(torch.device("cpu")), "capability": capability,
                                    "rows": []}
-    if workers <= 1:
-        document["rows"] = _compile_shard((todo, capability))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with compile_pool(workers if workers > 1 else 0) as pool:
+        if pool is None:
+            document["rows"] = _compile_shard((todo, capability))
+        else:
             for rows in pool.map(_compile_shard, [(part, capability) for part in shard(todo, workers)]):
                 document["rows"] += rows
     write_json(os.path.join(out_dir, "sweep-compile.json"), document)

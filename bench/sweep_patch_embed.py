@@ -49,7 +49,9 @@ from .sweep import (
     interleaved_ratio,
     measure_candidate,
     precompile,
+    step_sections,
     step_table,
+    sweep_device,
     sweep_steps,
     tf32_switch,
     timer,
@@ -216,7 +218,7 @@ def _compare(variant: str, step: str, table: PatchEmbedConfig, best: PatchEmbedC
 def _compile_worker(jobs: List[Tuple[str, Dict[str, int], Tuple[int, int, int, int]]]) -> Dict[str, str]:
     """Precompile worker (a spawned process): run each (variant, config, shape) forward and backward once at
     batch 1 (the same specialisation as batch 8), filling Triton's cache. Returns ``{job: error}``."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = sweep_device()
     failures = {}
     for variant, config, shape in jobs:
         config = PatchEmbedConfig(**config)
@@ -277,20 +279,14 @@ def markdown(document: Dict[str, object]) -> str:
     (best vs table, table and best vs cuDNN) and the chosen configs (for ``kernels/patch_embed.py``)."""
     lines = header_lines("Patch-embedding launch-config sweep", document,
                          f"shapes (B, H, W, E), patch {document['patch']}", "backward: 2x the forward")
-    for variant in VARIANTS:
-        for step in STEPS:
-            rows = [r for r in document["rows"] if r["variant"] == variant and r["step"] == step]
-            if not rows:
-                continue
-            lines += [f"## {variant} {step}", ""] + step_table(rows, _describe, rows[0]["config"]) + [""]
-            comparison = next((c for c in document["comparisons"] if c["variant"] == variant and c["step"] == step),
-                              None)
-            if comparison:
-                for name, r in comparison["ratio"].items():
-                    lines.append(f"- {name}, interleaved: best vs table {r['ratio']:.3f}x; table vs cuDNN "
-                                 f"{r['table_vs_cudnn']:.3f}x; best vs cuDNN {r['best_vs_cudnn']:.3f}x "
-                                 "(X vs Y = Y's time / X's: > 1, X is faster)")
-                lines.append("")
+    for variant, step, rows, comparison in step_sections(document, VARIANTS, STEPS):
+        lines += [f"## {variant} {step}", ""] + step_table(rows, _describe, rows[0]["config"]) + [""]
+        if comparison:
+            for name, r in comparison["ratio"].items():
+                lines.append(f"- {name}, interleaved: best vs table {r['ratio']:.3f}x; table vs cuDNN "
+                             f"{r['table_vs_cudnn']:.3f}x; best vs cuDNN {r['best_vs_cudnn']:.3f}x "
+                             "(X vs Y = Y's time / X's: > 1, X is faster)")
+            lines.append("")
     if document["chosen"]:
         lines += ["## Chosen configs", "", "One table entry serves the forward and both backward kernels; where "
                   "the forward and backward winners differ, the forward (inference) one is proposed.", ""]
