@@ -148,6 +148,9 @@ def _function_fingerprint(function: Callable) -> Optional[str]:
 # Recompute any entry with fingerprint() on the installed class, e.g.
 #   python -c "from mini_dust3r.croco.blocks import Attention as A
 #              from fastpatch.patching import fingerprint; print(fingerprint(A.forward))"
+# naver/croco models/pos_embed.py @2f3d5d5 ("update RoPE/cuRoPE", in d7de070, the croco dust3r 3cc8c88
+# and mast3r pin): RoPE2D.get_cos_sin multiplies the inverse frequencies by F0. The earlier version ignores F0.
+_F0_GET_COS_SIN = "1dd822e634ce2645"
 _UPSTREAM_CODE: Dict[str, Dict[str, FrozenSet[str]]] = {
     "Attention": {  # croco
         "__init__": frozenset({"b230fe21ba580052"}),
@@ -177,7 +180,7 @@ _UPSTREAM_CODE: Dict[str, Dict[str, FrozenSet[str]]] = {
     },
     "RoPE2D": {  # croco's pure-torch RoPE2D
         "__init__": frozenset({"220f7cec826d37cf"}),
-        "get_cos_sin": frozenset({"2ab20a402436b5b2"}),
+        "get_cos_sin": frozenset({"2ab20a402436b5b2", _F0_GET_COS_SIN}),
         "rotate_half": frozenset({"468f920013d298ca"}),
         "apply_rope1d": frozenset({"d207c194e8edf4a9"}),
         "forward": frozenset({"6d245edcc520a781"}),
@@ -390,7 +393,8 @@ class _Recogniser:
         base, f0 = getattr(module, "base", None), getattr(module, "F0", None)
         if not _is_number(base) or not _is_number(f0):
             return f"base={base!r}, F0={f0!r}: expected numbers"
-        if type(module).__name__ == "RoPE2D" and type(module) is not reference.RoPE2D and f0 != 1:
+        if (type(module).__name__ == "RoPE2D" and type(module) is not reference.RoPE2D and f0 != 1
+                and fingerprint(type(module).get_cos_sin) != _F0_GET_COS_SIN):
             return f"F0={f0!r}: upstream's torch RoPE2D ignores F0, fastpatch applies it"
         return None
 
