@@ -7,7 +7,7 @@ strided views of the projection output (no permute copies), RoPE and attention r
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import FrozenSet, Optional
 
 import torch
 
@@ -35,49 +35,68 @@ class RoPE2D(reference.RoPE2D):
         return rotate_rope(tokens, cos, sin)
 
 
+class _AttentionSemantics:
+    """What a fastpatch attention module reads, as :func:`fastpatch.patch_model` sets it per instance to
+    compute exactly what the module it replaced computed (class defaults: upstream croco's behaviour).
+
+    Attributes:
+        ignored_attributes: of ``{"scale", "attn_drop"}``, those the replaced module's forward never
+            used: ``scale`` ignored means ``Dh ** -0.5`` (SDPA's default), ``attn_drop`` ignored means
+            no attention dropout in training.
+        optional_positions: the replaced module's forward took ``None`` positions as "no rotation"
+            (upstream's cannot: with a rope and no positions fastpatch raises).
+    """
+
+    ignored_attributes: FrozenSet[str] = frozenset()
+    optional_positions: bool = False
+
+
 def _attend(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             q_pos: Optional[torch.Tensor], k_pos: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention of ``module`` (its ``rope``, ``scale`` and ``attn_drop``) on (B, H, N, Dh) heads.
+    """Attention of ``module`` (its ``rope``, ``scale`` and ``attn_drop``, as its
+    :class:`_AttentionSemantics` say) on (B, H, N, Dh) heads.
 
     Returns ``(B, Nq, H * Dh)``, heads merged in head-major channel order.
     """
     rope = module.rope
-    if rope is None:
+    if rope is None or (module.optional_positions and q_pos is None and k_pos is None):
         rope_base, rope_f0, q_pos, k_pos = None, 1.0, None, None
     elif hasattr(rope, "base") and hasattr(rope, "F0"):
         rope_base, rope_f0 = float(rope.base), float(rope.F0)
     else:
         raise TypeError(f"rope must be a RoPE2D (with .base and .F0 attributes) or None, got {type(rope).__name__}")
-    dropout_p = module.attn_drop.p if module.training else 0.0
-    out = rope_attention(q, k, v, q_pos, k_pos, rope_base=rope_base, rope_f0=rope_f0, scale=module.scale,
+    ignored = module.ignored_attributes
+    dropout_p = module.attn_drop.p if module.training and "attn_drop" not in ignored else 0.0
+    scale = None if "scale" in ignored else module.scale
+    out = rope_attention(q, k, v, q_pos, k_pos, rope_base=rope_base, rope_f0=rope_f0, scale=scale,
                          dropout_p=dropout_p)
     batch, heads, tokens, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-class Attention(reference.Attention):
+class Attention(_AttentionSemantics, reference.Attention):
     """Multi-head self-attention with optional RoPE2D: ``forward(x (B, N, C), xpos (B, N, 2)) -> (B, N, C)``.
 
     Keys ``qkv.weight`` (3C, C), ``qkv.bias`` (if ``qkv_bias``), ``proj.weight``, ``proj.bias``. q, k and
     v are (B, H, N, Dh) strided views of the (B, N, 3, H, Dh) projection.
     """
 
-    def forward(self, x: torch.Tensor, xpos: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, xpos: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, tokens, channels = x.shape
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return self.proj_drop(self.proj(_attend(self, q, k, v, xpos, xpos)))
 
 
-class CrossAttention(reference.CrossAttention):
+class CrossAttention(_AttentionSemantics, reference.CrossAttention):
     """Multi-head cross-attention with optional RoPE2D.
 
     ``forward(query (B, Nq, C), key (B, Nk, C), value (B, Nk, C), qpos (B, Nq, 2), kpos (B, Nk, 2))``
     -> (B, Nq, C). Keys ``projq``, ``projk``, ``projv``, ``proj``. Nq may differ from Nk.
     """
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, qpos: Optional[torch.Tensor],
-                kpos: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                qpos: Optional[torch.Tensor] = None, kpos: Optional[torch.Tensor] = None) -> torch.Tensor:
         heads = self.num_heads
         q = self.projq(query).unflatten(-1, (heads, -1)).transpose(1, 2)
         k = self.projk(key).unflatten(-1, (heads, -1)).transpose(1, 2)
