@@ -12,6 +12,7 @@ PACKAGES = [
     "fastpatch.ops",
     "fastpatch.modules",
     "fastpatch.engine",
+    "fastpatch.patching",
     "fastpatch.kernels",
 ]
 

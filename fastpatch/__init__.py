@@ -11,7 +11,8 @@ from .modules.attention import Attention, CrossAttention, RoPE2D
 from .modules.blocks import Block, DecoderBlock, Mlp
 from .modules.patch_embed import ManyAR_PatchEmbed, PatchEmbedDust3R, get_patch_embed
 from .ops.patch_embed import patch_embed
-from .patching import PatchReport, is_patched, patch_dust3r, patch_model, unpatch_dust3r, unpatch_model
+from .patching import (PatchRefusedError, PatchReport, is_patched, patch_dust3r, patch_model, unpatch_dust3r,
+                       unpatch_model)
 from .engine import inference, symmetric_inference
 
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ inputs, and checks it against :data:`TOLERANCES`. This module is the one place t
 
 Why these values (unit roundoff u: fp32 6.0e-8, fp16 4.9e-4, bf16 3.9e-3):
 
+* float64: the torch path and the probes of :mod:`fastpatch.patching.probes` (u = 1.1e-16): a
+  few thousand roundings at most, well inside 1e-12.
 * float32: the kernels accumulate in fp32, so errors are a few ulps of the largest entry
   times sqrt(reduction length); 1e-5 is the bar the issues set for parity with upstream.
 * float16 / bfloat16: the output is rounded to the storage dtype (1 u), and attention
@@ -56,6 +58,7 @@ class Tolerance:
 #: 10-bit mantissa, u = 4.9e-4 like fp16, fp32 accumulation and storage): the fp16 bounds. It applies
 #: to float32 results where TF32 really ran (compiled kernels on a GPU with torch's TF32 switch on).
 TOLERANCES: Dict[object, Tolerance] = {
+    torch.float64: Tolerance(forward=1e-12, backward=1e-12),
     torch.float32: Tolerance(forward=1e-5, backward=1e-5),
     torch.float16: Tolerance(forward=2e-3, backward=5e-3),
     torch.bfloat16: Tolerance(forward=1.6e-2, backward=4e-2),

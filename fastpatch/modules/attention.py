@@ -24,15 +24,27 @@ class RoPE2D(reference.RoPE2D):
     Same constructor (``freq``, ``F0``) and attributes (``base``, ``F0``) as upstream. The rotation
     runs out of place from cos/sin tables built on the positions' device (no host sync); the
     result is a transposed view of a contiguous ``(B, N, H, Dh)`` buffer. Attention modules do
-    not call it: they pass ``base``/``F0`` to :func:`rope_attention`, which rotates inside the kernel.
+    not call it: they pass ``base``/:func:`effective_f0` to :func:`rope_attention`, which rotates
+    inside the kernel.
+
+    ``ignored_attributes`` (class default empty) holds ``"F0"`` when :func:`fastpatch.patch_model`
+    replaced a RoPE2D whose code ignores ``F0`` (croco's torch RoPE2D before 2f3d5d5): the
+    frequencies are then ``base ** (-j / Q)`` whatever ``F0`` says, as there.
     """
+
+    ignored_attributes: FrozenSet[str] = frozenset()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         head_dim = tokens.shape[-1]
         if head_dim % 4 != 0:
             raise ValueError(f"RoPE2D needs a head dim divisible by 4, got {head_dim}")
-        cos, sin = rope_cos_sin(positions, head_dim, self.base, self.F0, tokens.dtype)
+        cos, sin = rope_cos_sin(positions, head_dim, self.base, effective_f0(self), tokens.dtype)
         return rotate_rope(tokens, cos, sin)
+
+
+def effective_f0(rope: torch.nn.Module) -> float:
+    """The ``F0`` a RoPE module applies: its ``F0``, or 1 when its ``ignored_attributes`` hold ``"F0"``."""
+    return 1.0 if "F0" in getattr(rope, "ignored_attributes", ()) else float(rope.F0)
 
 
 class _AttentionSemantics:
@@ -43,12 +55,22 @@ class _AttentionSemantics:
         ignored_attributes: of ``{"scale", "attn_drop"}``, those the replaced module's forward never
             used: ``scale`` ignored means ``Dh ** -0.5`` (SDPA's default), ``attn_drop`` ignored means
             no attention dropout in training.
-        optional_positions: the replaced module's forward took ``None`` positions as "no rotation"
-            (upstream's cannot: with a rope and no positions fastpatch raises).
+        optional_positions: how the replaced module's forward took ``None`` position arguments
+            (upstream's cannot: with a rope and no positions fastpatch raises): ``"each"`` rotates
+            q and k each only when its own positions are given, ``"both"`` rotates only when both
+            are given; ``""``: upstream's behaviour.
     """
 
     ignored_attributes: FrozenSet[str] = frozenset()
-    optional_positions: bool = False
+    optional_positions: str = ""
+
+
+def _rotate_if_placed(rope: torch.nn.Module, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` (B, H, N, Dh) rotated by ``rope``'s RoPE2D at ``positions`` (torch ops), or ``x`` if they are None."""
+    if positions is None:
+        return x
+    cos, sin = rope_cos_sin(positions, x.shape[-1], float(rope.base), effective_f0(rope), x.dtype)
+    return rotate_rope(x, cos, sin)
 
 
 def _attend(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -59,10 +81,15 @@ def _attend(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     Returns ``(B, Nq, H * Dh)``, heads merged in head-major channel order.
     """
     rope = module.rope
-    if rope is None or (module.optional_positions and q_pos is None and k_pos is None):
+    if rope is not None and module.optional_positions and (q_pos is None or k_pos is None):
+        # The replaced module skipped RoPE for a None position argument ("each": only on that side).
+        if module.optional_positions == "each":
+            q, k = _rotate_if_placed(rope, q, q_pos), _rotate_if_placed(rope, k, k_pos)
+        rope = q_pos = k_pos = None
+    if rope is None:
         rope_base, rope_f0, q_pos, k_pos = None, 1.0, None, None
     elif hasattr(rope, "base") and hasattr(rope, "F0"):
-        rope_base, rope_f0 = float(rope.base), float(rope.F0)
+        rope_base, rope_f0 = float(rope.base), effective_f0(rope)
     else:
         raise TypeError(f"rope must be a RoPE2D (with .base and .F0 attributes) or None, got {type(rope).__name__}")
     ignored = module.ignored_attributes
