@@ -12,6 +12,7 @@ import fastpatch
 from fastpatch import reference
 from fastpatch.patching import PatchRefusedError, fingerprint, source_fingerprints
 from fastpatch.patching.forward_code import forward_code
+from fastpatch.testing import TOLERANCES, relative_error
 
 
 class Base(nn.Module):
@@ -161,3 +162,21 @@ def test_changed_init_weights_keeps_upstream_code_known(upstream):
     model = nn.Sequential(PatchEmbedDust3R(64, 16, 3, 32))
     fastpatch.patch_model(model)
     assert model.fastpatch_report.accepted_by == {"0": fastpatch.patching.KNOWN}
+
+
+def test_an_override_calling_upstream_through_super_is_not_known_code(upstream):
+    """Both the override and upstream's forward it calls must be known versions."""
+
+    class Attention(upstream.blocks.Attention):
+        def forward(self, x, xpos):
+            return super().forward(x, xpos) * 2
+
+    attn = Attention(32, rope=upstream.rope.RoPE2D(100.0), num_heads=2).eval()
+    x, pos = torch.randn(1, 6, 32), torch.cartesian_prod(torch.arange(2), torch.arange(3))[None]
+    with torch.no_grad():
+        expected = attn(x, pos)
+    with pytest.warns(UserWarning, match="left alone 1"):
+        patched = fastpatch.patch_model(nn.Sequential(attn))
+    assert "forward is not a known upstream version" in dict(patched.fastpatch_report.left_alone)["0"]
+    with torch.no_grad():
+        assert relative_error(patched[0](x, pos), expected) <= TOLERANCES[torch.float32].forward

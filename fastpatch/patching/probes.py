@@ -3,16 +3,20 @@
 For a module whose code is not a known upstream version, :func:`probe_reason` builds CPU copies of
 it with deterministic random parameters (float64, then float32), adopts each copy into fastpatch's
 class exactly as :func:`~fastpatch.patch_model` would, and runs both forwards on fastpatch's torch
-path in eval mode and in training mode (the caller refuses modules with active dropout first):
+path (the caller refuses modules with active dropout first):
 
-* attention: several token counts (1, 7, 10, 12), non-square grids, positions with zeros and large
-  values (up to :data:`PROBE_MAX_POSITION`), random positions that differ per sample; Nq != Nk for
-  cross-attention; ``None`` positions when the replacement is told they mean "no rotation";
-* blocks: the same tokens (the children are shared, so this checks the block's own wiring);
+* attention: 12, 7 and 1 tokens in batches of 3 samples: a non-square grid at the origin, the
+  same grid far from it, random positions holding zero and :data:`PROBE_MAX_POSITION`; Nq != Nk
+  for cross-attention; ``None`` positions when the replacement is told they skip RoPE;
+* blocks: the same tokens, with the attention and MLP children replaced by :class:`_StandIn`
+  random functions of all their arguments (a block only wires its children; this checks the
+  wiring for any children, and keeps a ViT-L block probe cheap);
 * RoPE2D: head dims 16 and 64 on the same positions;
-* patch embeddings: landscape, portrait and square images; ManyAR batches mixing landscape and
-  (stored transposed) portrait samples.
+* patch embeddings: landscape, portrait and square images, with and without ``true_shape``;
+  ManyAR batches mixing landscape and (stored transposed) portrait samples.
 
+Every float64 call runs in eval mode, the first in training mode too; in float32 (which catches
+code that changes precision only in fp32 runs) the first call runs in both modes.
 Outputs must have the same structure, shapes and dtypes, integer outputs (positions) must be
 equal, and floating outputs must agree within :func:`probe_tolerance`: round-off of the dtype
 (:data:`fastpatch.testing.TOLERANCES`) plus, where RoPE angles enter, the rounding of angles that
@@ -22,11 +26,12 @@ around RoPE) differs by 3e-4 and more.
 
 Probing leaves the model untouched: the copies get fresh parameters (the real ones are never
 copied, see :func:`_probe_copy`), their memo caches start empty, hooks are dropped, and the global
-RNG state is restored afterwards. Probe parameters are scaled ~1/sqrt(fan-in) so activations stay
-O(1) through the block.
+RNG state and thread count are restored afterwards. Probe parameters are uniform with the variance
+of a 1/sqrt(fan-in) initialisation, so activations stay O(1).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -76,34 +81,76 @@ def _is_cache(name: str, value: object) -> bool:
 
 
 def _probe_tensor(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A float64 CPU tensor shaped like a floating ``like``, random (scaled by 1/sqrt(fan-in) for
-    matrices), or a CPU copy of an integer ``like`` (index buffers)."""
+    """A float64 CPU tensor shaped like a floating ``like``, random (unit variance, divided by
+    sqrt(fan-in) for matrices), or a CPU copy of an integer ``like`` (index buffers)."""
     if not like.is_floating_point():
         if like.device.type == "meta":
             return torch.zeros(like.shape, dtype=like.dtype)
         return like.detach().to("cpu", copy=True)
-    values = torch.randn(like.shape, generator=generator, dtype=torch.float64)
-    if like.dim() >= 2:
-        values /= math.sqrt(max(1, like[0].numel()))
-    return values
+    bound = math.sqrt(3.0) / (math.sqrt(max(1, like[0].numel())) if like.dim() >= 2 else 1.0)
+    return torch.empty(like.shape, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
 
 
-def _probe_state(module: nn.Module, generator: torch.Generator) -> Dict[int, torch.Tensor]:
-    """id(real parameter or buffer) -> its float64 probe values, for every one in ``module``'s tree."""
+class _StandIn(nn.Module):
+    """A cheap random function standing in for a block's child in a block probe.
+
+    ``forward(x, *others, **named)`` returns ``x``'s shape: an elementwise nonlinearity of ``x`` plus,
+    for every other tensor argument (by position and name, each with its own weight), the token mean
+    of a nonlinearity of a float tensor, or the positions weighted per token (per sample when the
+    token counts differ). A block whose forward wires its children differently from upstream's
+    (another input, a missing residual, swapped arguments) gives another output.
+    """
+
+    def __init__(self, index: int, dtype: torch.dtype):
+        super().__init__()
+        generator = torch.Generator().manual_seed(_SEED + 7 * index)
+        self.weights = torch.rand(16, 3, generator=generator, dtype=torch.float64).to(dtype) + 0.5
+
+    def forward(self, x: torch.Tensor, *others, **named) -> torch.Tensor:
+        w = self.weights
+        out = torch.tanh(x * w[0, 0] + w[0, 1]) * w[0, 2]
+        for i, other in enumerate(list(others) + [named[k] for k in sorted(named)], start=1):
+            if not isinstance(other, torch.Tensor):
+                continue
+            if other.is_floating_point():
+                out = out + (torch.tanh(other * w[i, 0]) * w[i, 1]).mean(dim=1, keepdim=True)
+            else:
+                term = (other.to(x.dtype) * w[i, :2]).sum(-1, keepdim=True) / PROBE_MAX_POSITION
+                out = out + (term if term.shape[1] == x.shape[1] else term.mean(dim=1, keepdim=True))
+        return out
+
+
+def _stood_in(module: nn.Module) -> List[nn.Module]:
+    """A block's children that hold its weights (attention, MLP): replaced by stand-ins in its probe."""
+    return [child for name, child in module._modules.items() if child is not None and name in _STOOD_IN]
+
+
+def _copied_modules(module: nn.Module, shell: bool) -> List[nn.Module]:
+    """The modules whose parameters a probe copy gets probe values for (all but stand-in subtrees)."""
+    skipped = {id(m) for child in _stood_in(module) for m in child.modules()} if shell else set()
+    return [sub for sub in module.modules() if id(sub) not in skipped]
+
+
+def _probe_state(module: nn.Module, generator: torch.Generator, shell: bool) -> Dict[int, torch.Tensor]:
+    """id(real parameter or buffer) -> its float64 probe values, for every one in ``module``'s tree
+    (``shell``: but in the children that get stand-ins)."""
     state: Dict[int, torch.Tensor] = {}
-    for sub in module.modules():
+    for sub in _copied_modules(module, shell):
         for tensor in list(sub._parameters.values()) + list(sub._buffers.values()):
             if tensor is not None and id(tensor) not in state:
                 state[id(tensor)] = _probe_tensor(tensor, generator)
     return state
 
 
-def _probe_copy(module: nn.Module, state: Dict[int, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+def _probe_copy(module: nn.Module, state: Dict[int, torch.Tensor], dtype: torch.dtype, shell: bool) -> nn.Module:
     """A deep copy of ``module`` on the CPU whose parameters and buffers are ``state``'s probe values
     in ``dtype`` (the real tensors are mapped in the deepcopy memo, so they are never copied), whose
-    memo caches (dict attributes named ``*cache*``) start empty and whose hooks are dropped."""
+    memo caches (dict attributes named ``*cache*``) start empty and whose hooks are dropped.
+    ``shell``: the attention and MLP children become :class:`_StandIn` functions instead of copies."""
     memo: Dict[int, object] = {}
-    for sub in module.modules():
+    for index, child in enumerate(_stood_in(module) if shell else ()):
+        memo[id(child)] = _StandIn(index, dtype)
+    for sub in _copied_modules(module, shell):
         for tensor in sub._parameters.values():
             if tensor is not None:
                 memo[id(tensor)] = nn.Parameter(_cast(state[id(tensor)], dtype), requires_grad=False)
@@ -161,6 +208,9 @@ def _tokens(batch: int, n: int, width: int, dtype: torch.dtype, generator: torch
     return torch.randn(batch, n, width, generator=generator, dtype=dtype)
 
 
+#: Roles whose forward only wires its children: probed with :class:`_StandIn` attention and MLP.
+_SHELL_ROLES = frozenset({"Block", "DecoderBlock"})
+_STOOD_IN = frozenset({"attn", "cross_attn", "mlp"})
 _BATCH = 3  # samples per probe call: a grid at the origin, a grid far from it, random positions
 
 
@@ -185,14 +235,12 @@ def _cross_attention_calls(module, dtype, generator, optional_positions) -> Iter
             yield (query, key, value) + positions, {}
 
 
-def _block_calls(module, dtype, generator, optional_positions) -> Iterator[Call]:
-    width = _width(module, "norm1", "attn", "mlp")
+def _block_calls(width, dtype, generator, optional_positions) -> Iterator[Call]:
     for n in (12, 7):
         yield (_tokens(_BATCH, n, width, dtype, generator), _positions(_BATCH, n, generator)), {}
 
 
-def _decoder_block_calls(module, dtype, generator, optional_positions) -> Iterator[Call]:
-    width = _width(module, "norm1", "norm_y", "norm2")
+def _decoder_block_calls(width, dtype, generator, optional_positions) -> Iterator[Call]:
     for n_x, n_y in ((12, 7), (7, 12)):
         yield (_tokens(_BATCH, n_x, width, dtype, generator), _tokens(_BATCH, n_y, width, dtype, generator),
                _positions(_BATCH, n_x, generator), _positions(_BATCH, n_y, generator)), {}
@@ -288,27 +336,48 @@ def probe_reason(module: nn.Module, role_name: str, replacement_class: type,
             :func:`probe_tolerance`).
     """
     semantics = semantics or {}
-    calls_of = _CALLS[role_name]
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), use_backend("torch"), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), use_backend("torch"), warnings.catch_warnings(), \
+            _one_thread():
         warnings.simplefilter("ignore")
-        state = _probe_state(module, torch.Generator().manual_seed(_SEED))
-        for dtype, eval_calls in ((torch.float64, None), (torch.float32, 2)):
-            original = _probe_copy(module, state, dtype)
-            replacement = adopt(original, replacement_class, "auto", semantics)
-            generator = torch.Generator().manual_seed(_SEED + 1)
-            try:
-                calls = list(calls_of(original, dtype, generator, semantics.get("optional_positions", False)))
-            except (AttributeError, TypeError, ValueError, IndexError) as error:
-                return f"probe inputs cannot be sized from its children ({type(error).__name__}: {error})"
-            # Every call in eval mode (float32: the first two), the first one in training mode too.
-            for training, selected in ((False, calls[:eval_calls]), (True, calls[:1])):
-                original.train(training)
-                replacement.train(training)
-                for args, kwargs in selected:
-                    reason = _run_both(original, replacement, args, kwargs, probe_tolerance(dtype, rope_f0))
-                    if reason is not None:
-                        mode = "training" if training else "eval"
-                        return f"probe {_describe((args, kwargs))} in {dtype} {mode} mode: {reason}"
+        return _probe(module, role_name, replacement_class, semantics, rope_f0)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Probe tensors are tiny: one intra-op thread avoids OpenMP waits (100x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(module: nn.Module, role_name: str, replacement_class: type, semantics: Dict[str, object],
+           rope_f0: Optional[float]) -> Optional[str]:
+    """:func:`probe_reason` without the global settings it makes."""
+    calls_of = _CALLS[role_name]
+    shell = role_name in _SHELL_ROLES
+    width = _width(module, "norm1", "norm_y", "norm2", "attn", "mlp") if shell else None
+    state = _probe_state(module, torch.Generator().manual_seed(_SEED), shell)
+    for dtype, eval_calls in ((torch.float64, None), (torch.float32, 1)):
+        original = _probe_copy(module, state, dtype, shell)
+        replacement = adopt(original, replacement_class, "auto", semantics)
+        generator = torch.Generator().manual_seed(_SEED + 1)
+        try:
+            calls = list(calls_of(original if width is None else width, dtype, generator,
+                                  semantics.get("optional_positions", False)))
+        except (AttributeError, TypeError, ValueError, IndexError) as error:
+            return f"probe inputs cannot be sized from its children ({type(error).__name__}: {error})"
+        # Every call in eval mode (float32: the first only), the first one in training mode too.
+        for training, selected in ((False, calls[:eval_calls]), (True, calls[:1])):
+            original.train(training)
+            replacement.train(training)
+            for args, kwargs in selected:
+                reason = _run_both(original, replacement, args, kwargs, probe_tolerance(dtype, rope_f0))
+                if reason is not None:
+                    mode = "training" if training else "eval"
+                    return f"probe {_describe((args, kwargs))} in {dtype} {mode} mode: {reason}"
     return None
 
 

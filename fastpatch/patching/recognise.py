@@ -127,21 +127,21 @@ def code_reason(cls: type, role_name: str, with_init: bool = False) -> Optional[
     code = forward_code(cls, role.entry)
     if code.failure is not None:
         return code.failure
-    methods = {name: raw for (name, _), raw in code.methods.items()}
+    methods = [(name, owner, raw) for (name, owner), raw in code.methods.items()]
     if with_init:
-        init = next((vars(k)["__init__"] for k in cls.__mro__ if "__init__" in vars(k)), None)
-        if init is None or init is nn.Module.__init__ or init is object.__init__:
+        owner = next((k for k in cls.__mro__ if "__init__" in vars(k)), None)
+        if owner is None or owner is nn.Module or owner is object:
             return f"{cls.__qualname__} has no __init__ of upstream's {role_name}"
-        methods["__init__"] = init
-    for name, raw in methods.items():
+        methods.append(("__init__", owner, vars(owner)["__init__"]))
+    for name, owner, raw in methods:  # an override and the upstream method it calls through super() both count
         known = KNOWN_METHODS.get((role_name, name))
         code_print = fingerprint(raw)
         if known is None:
             return f"its forward calls {name}, which upstream's {role_name} does not have"
         if code_print is None:
-            return f"the source of {cls.__qualname__}.{name} cannot be read to check it is upstream's"
+            return f"the source of {owner.__qualname__}.{name} cannot be read to check it is upstream's"
         if code_print not in known:
-            return f"{name} is not a known upstream version ({cls.__module__}.{cls.__qualname__})"
+            return f"{name} is not a known upstream version ({owner.__module__}.{owner.__qualname__})"
     return None
 
 
