@@ -180,3 +180,18 @@ def test_an_override_calling_upstream_through_super_is_not_known_code(upstream):
     assert "forward is not a known upstream version" in dict(patched.fastpatch_report.left_alone)["0"]
     with torch.no_grad():
         assert relative_error(patched[0](x, pos), expected) <= TOLERANCES[torch.float32].forward
+
+
+def test_a_public_version_known_to_differ_is_refused_without_probe(monkeypatch):
+    """KNOWN_DIFFERENT names public versions a tensor probe cannot tell apart (e.g. a forward that
+    also takes lists of views): refused with that reason."""
+    from fastpatch.patching import known_code
+
+    class Attention(reference.Attention):
+        def forward(self, x, xpos):
+            return super().forward(x, xpos)
+
+    monkeypatch.setitem(known_code.KNOWN_DIFFERENT, fingerprint(Attention.forward), "also takes lists of views")
+    with pytest.warns(UserWarning):
+        patched = fastpatch.patch_model(nn.Sequential(_attention(Attention)))
+    assert dict(patched.fastpatch_report.left_alone)["0"] == "Attention: also takes lists of views"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Dict, FrozenSet, Tuple
 
-__all__ = ["KNOWN_METHODS", "KNOWN_IGNORED_ATTRIBUTES", "known_source"]
+__all__ = ["KNOWN_METHODS", "KNOWN_IGNORED_ATTRIBUTES", "KNOWN_DIFFERENT", "known_source"]
 
 _CROCO = "naver/croco d7de070 (and 743ee71 onwards)"
 _CROCO_SDPA = "naver/croco 6311881/ee35847 (torch native attention branch)"
@@ -74,6 +74,16 @@ KNOWN_METHODS: Dict[Tuple[str, str], Dict[str, str]] = {
 KNOWN_IGNORED_ATTRIBUTES: Dict[str, FrozenSet[str]] = {
     "a4fe67e2286a66b8": frozenset({"scale", "attn_drop"}),
     "af67c1269a82531a": frozenset({"scale", "attn_drop"}),
+}
+
+
+#: Public versions known to compute something else than fastpatch's replacement: refused without a
+#: probe (a probe with tensors cannot see a forward that also takes lists).
+KNOWN_DIFFERENT: Dict[str, str] = {
+    "0e815b81ddf5b6b0": "naver/croco 6311881 CrossAttention.forward hands SDPA (B, N, H, Dh) tensors: it attends "
+                        "over heads, not keys",
+    "1ba18b5ab28fac46": "naver/croco ee35847 DecoderBlock.forward also takes lists of views (many-to-one / "
+                        "one-to-many), which fastpatch's DecoderBlock does not",
 }
 
 

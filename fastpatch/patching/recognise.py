@@ -29,7 +29,7 @@ from torch import nn
 from .. import reference
 from .fingerprints import fingerprint
 from .forward_code import forward_code
-from .known_code import KNOWN_IGNORED_ATTRIBUTES, KNOWN_METHODS
+from .known_code import KNOWN_DIFFERENT, KNOWN_IGNORED_ATTRIBUTES, KNOWN_METHODS
 from .probes import active_dropout, probe_reason
 from .roles import FASTPATCH_CLASS_NAMES, MODULE_ROLES, POSITION_GETTER, ROLES, Role
 from .structure import structure_reason
@@ -145,6 +145,16 @@ def code_reason(cls: type, role_name: str, with_init: bool = False) -> Optional[
     return None
 
 
+def _known_difference(cls: type, role: Role) -> Optional[str]:
+    """Why a method forward runs is a public version known to compute something else (None if none is)."""
+    code = forward_code(cls, role.entry)
+    for raw in code.methods.values():
+        reason = KNOWN_DIFFERENT.get(fingerprint(raw) or "")
+        if reason is not None:
+            return reason
+    return None
+
+
 def known_ignored_attributes(cls: type, role: Role) -> FrozenSet[str]:
     """Attributes a known upstream version reads only in a branch that never runs (known_code.py)."""
     entry = fingerprint(getattr(cls, role.entry))
@@ -255,7 +265,7 @@ class Recogniser:
         if cls is _REFERENCE_CLASSES.get(role_name):
             reason = structure_reason(module, role_name, False, self._judge)
             return Decision(role_name, None if reason else KNOWN, reason)
-        reason = (_signature_reason(cls, role) or _reads_reason(module, cls, role)
+        reason = (_known_difference(cls, role) or _signature_reason(cls, role) or _reads_reason(module, cls, role)
                   or structure_reason(module, role_name, False, self._judge))
         if reason is not None:
             return Decision(role_name, None, reason)
