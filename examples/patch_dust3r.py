@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     # Warm up both sides (Triton compilation, allocator), then alternate timed runs.
     _, eager_out = _time_forward(model, inputs, device, dtype)
     patched = fastpatch.patch_model(model)
-    print(patched.fastpatch_report)
+    print(patched.fastpatch_report.summary())
     _time_forward(patched, inputs, device, dtype)
     eager_times, patched_times = [], []
     for _ in range(args.repeats):
