@@ -4,6 +4,8 @@ Each class subclasses its eager twin in :mod:`fastpatch.reference`, so construct
 attributes, parameters and ``state_dict`` keys are upstream's; only ``forward`` differs. Heads stay
 strided views of the projection output (no permute copies), RoPE and attention run in one call
 (fused into the flash kernel on the Triton path), and heads are merged with a free reshape.
+Projections that are plain ``nn.Linear`` layers run :func:`fastpatch.ops.linear_onednn.linear`
+(oneDNN on CPU float32 inference, ``F.linear`` otherwise); others are called as modules.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from typing import FrozenSet, Optional
 import torch
 
 from .. import reference
+from ..ops.linear_onednn import linear
 from ..ops.rope_attention import rope_attention
 from ..ops.rope_torch import rope_cos_sin, rotate_rope
+from .plain_children import plain_linear
 
 __all__ = ["RoPE2D", "Attention", "CrossAttention"]
 
@@ -65,6 +69,15 @@ class _AttentionSemantics:
     optional_positions: str = ""
 
 
+def project(layer: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``layer(x)`` (+ ``residual``): :func:`linear` on its parameters when ``layer`` is a plain
+    ``nn.Linear`` (the residual add fused on oneDNN), else a module call."""
+    if plain_linear(layer):
+        return linear(x, layer.weight, layer.bias, residual=residual)
+    out = layer(x)
+    return out if residual is None else residual + out
+
+
 def _rotate_if_placed(rope: torch.nn.Module, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
     """``x`` (B, H, N, Dh) rotated by ``rope``'s RoPE2D at ``positions`` (torch ops), or ``x`` if they are None."""
     if positions is None:
@@ -109,10 +122,14 @@ class Attention(_AttentionSemantics, reference.Attention):
     """
 
     def forward(self, x: torch.Tensor, xpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.proj_drop(project(self.proj, self.attend(x, xpos)))
+
+    def attend(self, x: torch.Tensor, xpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Everything before ``proj``: qkv projection, RoPE, attention; ``(B, N, C)``, heads merged."""
         batch, tokens, channels = x.shape
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
+        qkv = project(self.qkv, x).unflatten(-1, (3, self.num_heads, channels // self.num_heads))
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        return self.proj_drop(self.proj(_attend(self, q, k, v, xpos, xpos)))
+        return _attend(self, q, k, v, xpos, xpos)
 
 
 class CrossAttention(_AttentionSemantics, reference.CrossAttention):
@@ -124,8 +141,13 @@ class CrossAttention(_AttentionSemantics, reference.CrossAttention):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 qpos: Optional[torch.Tensor] = None, kpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.proj_drop(project(self.proj, self.attend(query, key, value, qpos, kpos)))
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               qpos: Optional[torch.Tensor] = None, kpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Everything before ``proj``: q/k/v projections, RoPE, attention; ``(B, Nq, C)``, heads merged."""
         heads = self.num_heads
-        q = self.projq(query).unflatten(-1, (heads, -1)).transpose(1, 2)
-        k = self.projk(key).unflatten(-1, (heads, -1)).transpose(1, 2)
-        v = self.projv(value).unflatten(-1, (heads, -1)).transpose(1, 2)
-        return self.proj_drop(self.proj(_attend(self, q, k, v, qpos, kpos)))
+        q = project(self.projq, query).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = project(self.projk, key).unflatten(-1, (heads, -1)).transpose(1, 2)
+        v = project(self.projv, value).unflatten(-1, (heads, -1)).transpose(1, 2)
+        return _attend(self, q, k, v, qpos, kpos)
