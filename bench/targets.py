@@ -3,7 +3,7 @@
     python -m bench.targets RESULTS.json [MORE.json ...]
     python bench/targets.py RESULTS.json [MORE.json ...]
 
-Prints a markdown table for README's GPU table: a header (device, torch/triton/CUDA versions, commit,
+Prints a markdown table of the GPU targets (for docs/benchmarks.md): a header (device, torch/triton/CUDA versions, commit,
 date) and, per target, the baseline, the goal, the measured ratio, the fastpatch row's TFLOP/s and %
 of the GPU's dense peak (``bench/report.py``'s ``PEAK_TFLOPS``), and met / missed / not measured.
 ``python -m bench.report`` appends the same table to ``report.md`` as a "Targets" section when a row
@@ -268,7 +268,7 @@ def section(rows: List[Dict], paths: Sequence[str]) -> str:
     if device is None:
         return ""
     intro = (f"Issue 11's goals on {device} (same run); ratios paired per round as above, TFLOP/s and % of dense "
-             "peak of the fastpatch row. `python -m bench.targets` prints this table for the README.")
+             "peak of the fastpatch row. `python -m bench.targets` prints this table.")
     return "\n".join(["", "## Targets (issue 11)", "", intro, ""] + table(rows, paths)) + "\n"
 
 
