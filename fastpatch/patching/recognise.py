@@ -19,6 +19,7 @@ for one :class:`Recogniser`, so a ViT-L DUSt3R probes each distinct class once.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, Optional, Tuple
@@ -90,7 +91,9 @@ def trusted_roles(trust: Iterable[type]) -> Dict[type, str]:
 # ----------------------------------------------------------------------------------------------
 # Per-class analysis of the code (cached through forward_code)
 # ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def _signature_reason(cls: type, role: Role) -> Optional[str]:
+    """Why ``cls``'s forward does not take the role's arguments (None: it does)."""
     entry = getattr(cls, role.entry)
     try:
         parameters = list(inspect.signature(entry).parameters.values())[1:]  # drop self
@@ -109,6 +112,7 @@ def _signature_reason(cls: type, role: Role) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _optional_positions(cls: type, role: Role) -> bool:
     """True when every position parameter of the forward defaults to None."""
     if not role.optional_arguments:
