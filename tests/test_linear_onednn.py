@@ -146,7 +146,8 @@ def test_fused_blocks_match_upstreams_order_of_ops(onednn_calls):
         with torch.inference_mode():
             out, expected = _run(block, x, y, pos), _run(ref, x, y, pos)
         fused = [call for call in onednn_calls if call != (None, False)]
-        assert fused == [(None, True)] * (1 if isinstance(block, fastpatch.Block) else 2) + [("gelu", False), (None, True)]
+        residual_projections = [(None, True)] * (1 if isinstance(block, fastpatch.Block) else 2)
+        assert fused == residual_projections + [("gelu", False), (None, True)]
         oracle = _run(copy.deepcopy(ref).double(), x.double(), y.double(), pos)
         assert relative_error(out.double(), oracle) <= max(4 * relative_error(expected.double(), oracle), 1e-6)
 
