@@ -7,6 +7,7 @@ implementation runs (compiled Triton, Triton interpreter, or the torch path) is 
 """
 from .backend import use_backend
 from .ops.rope_attention import rope_attention
+from .ops.qknorm_rope_attention import TokenGrid, qknorm_rope_attention
 from .modules.attention import Attention, CrossAttention, RoPE2D
 from .modules.blocks import Block, DecoderBlock, Mlp
 from .modules.patch_embed import ManyAR_PatchEmbed, PatchEmbedDust3R, get_patch_embed
