@@ -1,0 +1,102 @@
+"""Drop-in VGGT / π3 qk-norm + RoPE2D attention and LayerScale blocks running :func:`qknorm_rope_attention`.
+
+Each class subclasses its eager twin in :mod:`fastpatch.reference_vggt` (same constructor arguments,
+attributes and ``state_dict`` keys); only ``forward`` differs. When the module has LayerNorm ``q_norm`` /
+``k_norm`` over ``Dh`` and a ``rope``, q, k, v stay strided views of the qkv projection and LayerNorm,
+RoPE and attention run in one call (fused in the Triton kernels); otherwise (DINOv2 and camera-head
+attention: no qk-norm, no RoPE; or an ``attn_bias``) the eager forward runs unchanged.
+
+Numerics follow the module replaced: π3's casts the normalised q, k to v's dtype before RoPE
+(``"storage"``); VGGT's keeps them in the LayerNorm's output dtype -- fp32 under autocast or with fp32
+norm weights (``"float32"``), the tokens' dtype when the model runs natively in bf16/fp16 (``"storage"``).
+The RoPE base is read from the ``rope`` module (``base_frequency``, ``base``, ``frequency`` or ``freq``;
+100 if it has none) -- :func:`fastpatch.patch_model` verifies the result by probe.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import reference_vggt
+from ..ops.qknorm_rope_attention import qknorm_rope_attention
+
+__all__ = ["VGGTAttention", "FlashAttentionRope", "VGGTBlock", "BlockRope", "rope_base_of", "fusable"]
+
+_BASE_NAMES = ("base_frequency", "base", "frequency", "freq")
+
+
+def rope_base_of(rope: nn.Module) -> float:
+    """The RoPE2D frequency base of a rope module (first numeric attribute of :data:`_BASE_NAMES`, else 100)."""
+    for name in _BASE_NAMES:
+        value = getattr(rope, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 100.0
+
+
+def fusable(module: nn.Module) -> bool:
+    """True when ``module`` has LayerNorm ``q_norm`` / ``k_norm`` (affine, over the head dim, one eps) and a ``rope``."""
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    head_dim = module.qkv.out_features // 3 // module.num_heads if isinstance(module.qkv, nn.Linear) else None
+    return (getattr(module, "rope", None) is not None and getattr(q_norm, "eps", 0) == getattr(k_norm, "eps", 1)
+            and all(
+        type(n) is nn.LayerNorm and n.elementwise_affine and n.bias is not None
+        and tuple(n.normalized_shape) == (head_dim,) for n in (q_norm, k_norm)))
+
+
+def _attend(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], storage: bool) -> torch.Tensor:
+    batch, tokens, channels = x.shape
+    if pos is None:
+        raise ValueError("this attention applies RoPE2D: pass positions (B, N, 2)")
+    heads = module.num_heads
+    qkv = module.qkv(x).unflatten(-1, (3, heads, channels // heads))
+    q_norm, k_norm = module.q_norm, module.k_norm
+    if not storage:  # VGGT: the LN output dtype decides (fp32 under autocast or with fp32 weights)
+        storage = (not torch.is_autocast_enabled(x.device.type)) and q_norm.weight.dtype == qkv.dtype
+    dropout = module.attn_drop.p if module.training else 0.0
+    scale = None if getattr(module, "fused_attn", True) else module.scale
+    out = qknorm_rope_attention(qkv, q_norm_weight=q_norm.weight, q_norm_bias=q_norm.bias,
+                                k_norm_weight=k_norm.weight, k_norm_bias=k_norm.bias, positions=pos,
+                                rope_base=rope_base_of(module.rope), eps=q_norm.eps, scale=scale,
+                                numerics="storage" if storage else "float32", dropout_p=dropout)
+    return module.proj_drop(module.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
+
+
+class VGGTAttention(reference_vggt.VGGTAttention):
+    """VGGT's attention, fused: ``forward(x (B, N, C), pos (B, N, 2) int or None) -> (B, N, C)``.
+
+    Keys as :class:`fastpatch.reference_vggt.VGGTAttention` (``qkv``, ``q_norm``, ``k_norm``, ``proj``).
+    """
+
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not fusable(self):
+            return super().forward(x, pos)
+        return _attend(self, x, pos, storage=False)
+
+
+class FlashAttentionRope(reference_vggt.Pi3Attention):
+    """π3's attention, fused: ``forward(x (B, N, C), attn_bias=None, xpos (B, N, 2) or None) -> (B, N, C)``."""
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
+                xpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attn_bias is not None or not fusable(self):
+            return super().forward(x, attn_bias, xpos)
+        return _attend(self, x, xpos, storage=True)
+
+
+class VGGTBlock(reference_vggt.VGGTBlock):
+    """VGGT's block with fused attention: ``forward(x (B, N, C), pos (B, N, 2) or None) -> (B, N, C)``.
+
+    Keys: ``norm1``, ``attn.{qkv,q_norm,k_norm,proj}``, ``ls1.gamma``, ``norm2``, ``mlp.{fc1,fc2}``, ``ls2.gamma``.
+    """
+
+    attn_class = VGGTAttention
+
+
+class BlockRope(reference_vggt.Pi3Block):
+    """π3's block with fused attention: ``forward(x (B, N, C), xpos (B, N, 2) or None) -> (B, N, C)``; keys as
+    :class:`VGGTBlock`."""
+
+    attn_class = FlashAttentionRope
