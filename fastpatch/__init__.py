@@ -10,6 +10,7 @@ from .ops.rope_attention import rope_attention
 from .ops.qknorm_rope_attention import TokenGrid, qknorm_rope_attention
 from .modules.attention import Attention, CrossAttention, RoPE2D
 from .modules.blocks import Block, DecoderBlock, Mlp
+from .modules.qknorm_attention import BlockRope, FlashAttentionRope, VGGTAttention, VGGTBlock
 from .modules.patch_embed import ManyAR_PatchEmbed, PatchEmbedDust3R, get_patch_embed
 from .ops.patch_embed import patch_embed
 from .patching import (PatchRefusedError, PatchReport, is_patched, patch_dust3r, patch_model, unpatch_dust3r,
