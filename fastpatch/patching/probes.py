@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -209,7 +210,7 @@ def _tokens(batch: int, n: int, width: int, dtype: torch.dtype, generator: torch
 
 
 #: Roles whose forward only wires its children: probed with :class:`_StandIn` attention and MLP.
-_SHELL_ROLES = frozenset({"Block", "DecoderBlock"})
+_SHELL_ROLES = frozenset({"Block", "DecoderBlock", "VGGTBlock", "BlockRope"})
 _STOOD_IN = frozenset({"attn", "cross_attn", "mlp"})
 _BATCH = 3  # samples per probe call: a grid at the origin, a grid far from it, random positions
 
@@ -273,7 +274,21 @@ def _many_ar_calls(module, dtype, generator, optional_positions) -> Iterator[Cal
         yield (img, torch.tensor(shapes) * p), {}
 
 
+def _qknorm_attention_calls(module, dtype, generator, optional_positions) -> Iterator[Call]:
+    """VGGT / π3 attention: the usual attention probes (positions required: these apply RoPE); π3's
+    forward (x, attn_bias, xpos) gets ``attn_bias=None``."""
+    width = _width(module, "qkv")
+    takes_bias = len(inspect.signature(type(module).forward).parameters) == 4
+    for n in (12, 7, 1):
+        x, pos = _tokens(_BATCH, n, width, dtype, generator), _positions(_BATCH, n, generator)
+        yield ((x, None, pos) if takes_bias else (x, pos)), {}
+
+
 _CALLS: Dict[str, Callable[..., Iterator[Call]]] = {
+    "VGGTAttention": _qknorm_attention_calls,
+    "FlashAttentionRope": _qknorm_attention_calls,
+    "VGGTBlock": _block_calls,
+    "BlockRope": _block_calls,
     "Attention": _attention_calls,
     "CrossAttention": _cross_attention_calls,
     "Block": _block_calls,

@@ -32,7 +32,7 @@ from .fingerprints import fingerprint
 from .forward_code import forward_code
 from .known_code import KNOWN_DIFFERENT, KNOWN_IGNORED_ATTRIBUTES, KNOWN_METHODS
 from .probes import active_dropout, probe_reason
-from .roles import FASTPATCH_CLASS_NAMES, MODULE_ROLES, POSITION_GETTER, ROLES, Role
+from .roles import FASTPATCH_CLASS_NAMES, MODULE_ROLES, POSITION_GETTER, ROLES, Role, refine_role
 from .structure import structure_reason
 
 __all__ = ["KNOWN", "PROBED", "TRUSTED", "Decision", "Recogniser", "trusted_roles", "code_reason",
@@ -41,7 +41,8 @@ __all__ = ["KNOWN", "PROBED", "TRUSTED", "Decision", "Recogniser", "trusted_role
 KNOWN, PROBED, TRUSTED = "known code", "verified by probe", "trusted"
 
 # Roles whose forward applies RoPE itself (their probes allow for float32 RoPE angles).
-_ROPE_ROLES = frozenset({"Attention", "CrossAttention", "RoPE2D", "cuRoPE2D"})
+_ROPE_ROLES = frozenset({"Attention", "CrossAttention", "RoPE2D", "cuRoPE2D", "VGGTAttention",
+                         "FlashAttentionRope"})
 
 # fastpatch's eager classes, written from the spec: accepted as they are (exactly these classes).
 _REFERENCE_CLASSES: Dict[str, type] = {
@@ -218,7 +219,8 @@ class Recogniser:
         cls = type(module)
         if cls in self.trusted:
             return self.trusted[cls]
-        return next((klass.__name__ for klass in cls.__mro__ if klass.__name__ in MODULE_ROLES), None)
+        name = next((klass.__name__ for klass in cls.__mro__ if klass.__name__ in MODULE_ROLES), None)
+        return None if name is None else refine_role(name, module)
 
     def decide(self, module: nn.Module) -> Optional[Decision]:
         """The decision for a module with a role (None for modules without one, and fastpatch's own)."""
@@ -291,7 +293,7 @@ class Recogniser:
         if dropout is not None:
             return Decision(role_name, None, f"{unknown}, and its dropout {dropout} cannot be verified by probe")
         rope = module if role_name in ("RoPE2D", "cuRoPE2D") else getattr(module, "rope", None)
-        f0 = None if rope is None or role_name not in _ROPE_ROLES else float(rope.F0)
+        f0 = None if rope is None or role_name not in _ROPE_ROLES else float(getattr(rope, "F0", 1.0))
         # A forward taking None positions skips RoPE for them: for each side alone, or unless both are given.
         modes = ("each", "both") if semantics.get("optional_positions") and role_name == "CrossAttention" else (None,)
         first_reason = None

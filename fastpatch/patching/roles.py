@@ -19,10 +19,13 @@ forward to compute what its own forward computes:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Tuple
+from typing import Dict, FrozenSet, Optional, Tuple
 
-__all__ = ["Role", "ROLES", "MODULE_ROLES", "POSITION_GETTER", "FASTPATCH_CLASS_NAMES"]
+from torch import nn
+
+__all__ = ["Role", "ROLES", "MODULE_ROLES", "POSITION_GETTER", "FASTPATCH_CLASS_NAMES", "QKNORM_ROLES", "refine_role"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,73 @@ MODULE_ROLES: Tuple[str, ...] = ("PatchEmbedDust3R", "ManyAR_PatchEmbed", "RoPE2
 #: Role -> the name of fastpatch's class that replaces it (``fastpatch.<name>``).
 FASTPATCH_CLASS_NAMES: Dict[str, str] = {role: role for role in MODULE_ROLES}
 FASTPATCH_CLASS_NAMES["cuRoPE2D"] = "RoPE2D"
+
+
+# ----------------------------------------------------------------------------------------------
+# VGGT / π3 qk-norm + RoPE2D attention and their LayerScale blocks (spec vggt.md §2-4, §9)
+# ----------------------------------------------------------------------------------------------
+_QKNORM_ATTENTION_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "rope")
+_QKNORM_ATTENTION_READS = frozenset(_QKNORM_ATTENTION_CHILDREN) | {"num_heads", "head_dim", "scale", "fused_attn",
+                                                                   "training"}
+_LAYERSCALE_BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+#: VGGT's ``Attention`` / ``Block`` (named like croco's: :func:`refine_role` tells them apart) and π3's
+#: ``FlashAttentionRope`` / ``BlockRope``.
+QKNORM_ROLES: Dict[str, Role] = {role.name: role for role in (
+    Role("VGGTAttention", "forward", ("x", "pos"), children=_QKNORM_ATTENTION_CHILDREN,
+         reads=_QKNORM_ATTENTION_READS, optional_arguments=("pos",)),
+    Role("FlashAttentionRope", "forward", ("x", "attn_bias", "xpos"), children=_QKNORM_ATTENTION_CHILDREN,
+         reads=_QKNORM_ATTENTION_READS, optional_arguments=("attn_bias", "xpos")),
+    Role("VGGTBlock", "forward", ("x", "pos"), children=_LAYERSCALE_BLOCK_CHILDREN,
+         reads=frozenset(_LAYERSCALE_BLOCK_CHILDREN), optional_arguments=("pos",)),
+    Role("BlockRope", "forward", ("x", "xpos"), children=_LAYERSCALE_BLOCK_CHILDREN,
+         reads=frozenset(_LAYERSCALE_BLOCK_CHILDREN), optional_arguments=("xpos",)),
+)}
+ROLES.update(QKNORM_ROLES)
+MODULE_ROLES = MODULE_ROLES + tuple(QKNORM_ROLES)
+FASTPATCH_CLASS_NAMES.update({role: role for role in QKNORM_ROLES})
+
+
+def _fusable_attention(module: object) -> bool:
+    """LayerNorm ``q_norm`` and ``k_norm`` and a ``rope``: what the fused qk-norm op computes."""
+    children = getattr(module, "_modules", {})
+    return (isinstance(children.get("q_norm"), nn.LayerNorm) and isinstance(children.get("k_norm"), nn.LayerNorm)
+            and children.get("rope") is not None)
+
+
+def _positions_default_to_none(module: object) -> bool:
+    """VGGT's forwards take ``(x, pos=None)`` (spec §2, §3); croco's ``(x, xpos)`` has no default."""
+    try:
+        parameters = list(inspect.signature(type(module).forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(parameters) == 3 and parameters[2].default is None
+
+
+def refine_role(role_name: str, module: object) -> Optional[str]:
+    """The role of a module whose class is named ``role_name``, telling VGGT's classes from croco's.
+
+    An ``Attention`` with ``q_norm`` / ``k_norm`` children and VGGT's ``forward(x, pos=None)`` is VGGT's;
+    a ``Block`` with that signature and ``ls1`` or a qk-norm attention is VGGT's block (a croco-named
+    class with ``forward(x, xpos)`` keeps croco's role, and its extra children get it left alone). VGGT / π3 modules with nothing to fuse (no LayerNorm qk-norm or no
+    RoPE: the DINOv2 encoder, the camera head, π3's head blocks) get no role (None): patch_model leaves
+    them as they are, without a warning. Any other module keeps ``role_name``.
+    """
+    children = getattr(module, "_modules", {})
+    if role_name in ("Attention", "VGGTAttention", "FlashAttentionRope"):
+        if role_name == "Attention" and not ("q_norm" in children and "k_norm" in children
+                                             and _positions_default_to_none(module)):
+            return role_name
+        if not _fusable_attention(module):
+            return None
+        return "FlashAttentionRope" if role_name == "FlashAttentionRope" else "VGGTAttention"
+    if role_name in ("Block", "VGGTBlock", "BlockRope"):
+        attention = children.get("attn")
+        qknorm_attention = "q_norm" in getattr(attention, "_modules", {})
+        if role_name == "Block" and (("ls1" not in children and not qknorm_attention)
+                                     or not _positions_default_to_none(module)):
+            return role_name
+        if not _fusable_attention(attention):
+            return None
+        return "BlockRope" if role_name == "BlockRope" else "VGGTBlock"
+    return role_name

@@ -87,7 +87,21 @@ def _patch_embed_reason(module: nn.Module, role_name: str, judge: Judge) -> Opti
     return judge(getattr(module, "position_getter", None), "position_getter")
 
 
+def _qknorm_attention_reason(module: nn.Module, role_name: str, judge: Judge) -> Optional[str]:
+    """VGGT / π3 attention: fastpatch reads attn_drop's p, num_heads and the qkv Linear's shape."""
+    if type(module.attn_drop) is not nn.Dropout:
+        return f"attn_drop is {type(module.attn_drop).__qualname__}, not torch.nn.Dropout (fastpatch reads its p)"
+    num_heads, qkv = getattr(module, "num_heads", None), module.qkv
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        return f"num_heads is {num_heads!r}, not a positive int"
+    if type(qkv) is not nn.Linear or qkv.out_features != 3 * qkv.in_features or qkv.in_features % num_heads:
+        return "qkv is not a Linear(C, 3C) with C divisible by num_heads"
+    return None
+
+
 _VALUE_CHECKS = {
+    "VGGTAttention": _qknorm_attention_reason,
+    "FlashAttentionRope": _qknorm_attention_reason,
     "Attention": _attention_reason,
     "CrossAttention": _attention_reason,
     "RoPE2D": _rope_reason,
