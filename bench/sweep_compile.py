@@ -6,7 +6,7 @@ its resources, to prune what the GPU sweeps time.
 For every candidate config of :mod:`bench.sweep_attention` (forward, dQ and dK/dV kernels; variants
 bf16, fp16, tf32, fp32) and of :mod:`bench.sweep_patch_embed` (forward kernel; bf16, tf32, fp32), the
 real launcher is called at the sweep's first shape on ``torch.empty`` CPU tensors under
-``override_config`` (nothing runs: the launch is recorded, :func:`fastpatch.testing.recorded_launches`),
+``override_config`` (nothing runs: the launch is recorded, :func:`fastpatch_dev.aot.recorded_launches`),
 the launch is specialised as Triton's runtime would and compiled for ``sm_<capability>``, and the
 cubin's registers per thread, stack frame (register spills), shared memory and whether the PTX uses
 ``wgmma`` are written to ``DIR/sweep-compile.json`` and ``DIR/sweep-compile.md``, with the resident
@@ -26,14 +26,18 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from fastpatch.kernels.gpu_classes import GPU_CLASSES
+
 from . import sweep_attention, sweep_patch_embed
 from .sweep import compile_pool, environment, shard, tf32_switch, write_json
 
 __all__ = ["resident_programs", "jobs", "compile_job", "run", "markdown", "main"]
 
-#: Per-SM limits by capability: registers, shared memory usable by programs (bytes), reserved shared
-#: memory per program, warps, programs.
-SM_LIMITS = {90: (65536, 228 * 1024, 1024, 64, 32), 80: (65536, 164 * 1024, 1024, 64, 32)}
+#: Per-SM limits by GPU class (fastpatch.kernels.gpu_classes): registers, shared memory usable by programs
+#: (bytes), reserved shared memory per program, warps, programs (CUDA's per-capability specifications).
+SM_LIMITS = {90: (65536, 228 * 1024, 1024, 64, 32), 80: (65536, 164 * 1024, 1024, 64, 32),
+             86: (65536, 100 * 1024, 1024, 48, 16), 100: (65536, 228 * 1024, 1024, 64, 32),
+             120: (65536, 100 * 1024, 1024, 48, 32)}
 
 
 def resident_programs(registers: int, shared: int, num_warps: int, capability: int) -> int:
@@ -71,7 +75,7 @@ def _attention_launch(variant: str, step: str, config: Dict[str, object]):
 
 def _patch_embed_launch(variant: str, config: Dict[str, int]):
     """The recorded (kernel, arguments, options) of the forward kernel for one patch-embedding candidate."""
-    from fastpatch.kernels.patch_embed import PatchEmbedConfig
+    from fastpatch.kernels.patch_embed_configs import PatchEmbedConfig
     from fastpatch.launchers import patch_embed as launchers
 
     dtype, tf32 = sweep_patch_embed.VARIANTS[variant]
@@ -90,7 +94,7 @@ def _patch_embed_launch(variant: str, config: Dict[str, int]):
 def _recording() -> Iterator[List]:
     """Every Triton kernel of fastpatch recorded instead of launched."""
     from fastpatch.kernels import patch_embed, rope, rope_attention_bwd, rope_attention_fwd
-    from fastpatch.testing import recorded_launches
+    from fastpatch_dev.aot import recorded_launches
 
     kernels = [patch_embed.patch_embed_fwd_kernel, patch_embed.patch_embed_grad_weight_kernel,
                patch_embed.patch_embed_grad_image_kernel, rope.rope_rotate_kernel,
@@ -103,7 +107,7 @@ def _recording() -> Iterator[List]:
 def jobs(capability: int) -> List[Tuple[str, str, str, Dict[str, object], bool]]:
     """(kind, variant, step, config dict, is the table's entry) of every candidate of both sweeps."""
     found = []
-    capability_tuple = (capability // 10, capability % 10)
+    capability_tuple = GPU_CLASSES[capability].capability
     for variant, (dtype, precision) in sweep_attention.VARIANTS.items():
         table = sweep_attention.rope_attention_config(sweep_attention.HEAD_DIM, dtype, capability_tuple, precision)
         for step in ("forward", "backward_dq", "backward_dkdv"):
@@ -111,7 +115,7 @@ def jobs(capability: int) -> List[Tuple[str, str, str, Dict[str, object], bool]]
                 found.append(("attention", variant, step, sweep_attention._config_dict(option), option == table))
     embed_dim = next(iter(sweep_patch_embed.SHAPES.values()))[3]
     for variant, (dtype, _) in sweep_patch_embed.VARIANTS.items():
-        table = sweep_patch_embed.patch_embed_config(embed_dim, dtype, capability)
+        table = sweep_patch_embed.patch_embed_config(embed_dim, dtype, capability_tuple)
         for option in sweep_patch_embed.candidates(variant, table):
             found.append(("patch_embed", variant, "forward", option._asdict(), option == table))
     return found
@@ -119,7 +123,7 @@ def jobs(capability: int) -> List[Tuple[str, str, str, Dict[str, object], bool]]
 
 def compile_job(job: Tuple[str, str, str, Dict[str, object], bool], capability: int) -> Dict[str, object]:
     """Compile one candidate's launch for ``sm_<capability>``; its resources, or ``error``."""
-    from fastpatch.testing import compile_summary, launch_specialization
+    from fastpatch_dev.aot import compile_summary, launch_specialization
 
     kind, variant, step, config, is_table = job
     row: Dict[str, object] = {"kind": kind, "variant": variant, "step": step, "config": config, "table": is_table}
@@ -169,7 +173,7 @@ def _describe(row: Dict[str, object]) -> str:
 
 
 def _spills(row: Dict[str, object]) -> int:
-    """Bytes per thread of register spills: the stack frame (see fastpatch.testing.resource_usage)."""
+    """Bytes per thread of register spills: the stack frame (see fastpatch_dev.aot.resource_usage)."""
     return row["stack"] + row["local_bytes"]
 
 

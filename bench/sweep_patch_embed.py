@@ -5,7 +5,7 @@
 Shape: DUSt3R's encoder input, batch 8 of 3x384x512 images, 16x16 patches, 1024 channels (ViT-L):
 a (6144 x 768) @ (768 x 1024) GEMM with the im2col done by the loads. Variants: ``bf16``, ``tf32``
 (float32 with cuDNN's TF32 switch on, as the conv it replaces) and ``fp32`` (IEEE). One
-:class:`~fastpatch.kernels.patch_embed.PatchEmbedConfig` serves the forward and both backward kernels,
+:class:`~fastpatch.kernels.patch_embed_configs.PatchEmbedConfig` serves the forward and both backward kernels,
 so every candidate is timed in two steps:
 
 1. ``forward``: tokens + positions (``patch_embed_forward``), the inference path;
@@ -28,7 +28,7 @@ from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Seq
 
 import torch
 
-from fastpatch.kernels.patch_embed import PatchEmbedConfig, patch_embed_config
+from fastpatch.kernels.patch_embed_configs import PatchEmbedConfig, patch_embed_config
 from fastpatch.launchers.patch_embed import (
     override_config,
     patch_embed_forward,
@@ -84,8 +84,8 @@ QUICK_GRID = ((32,), (32,), (32,), (4,), (1,))
 
 def table_config(variant: str, embed_dim: int, device: torch.device) -> PatchEmbedConfig:
     """The config table's entry for ``variant`` at ``embed_dim`` on ``device`` (the sweep's baseline)."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
-    return patch_embed_config(embed_dim, VARIANTS[variant][0], 10 * capability[0] + capability[1])
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return patch_embed_config(embed_dim, VARIANTS[variant][0], capability)
 
 
 def candidates(variant: str, table: PatchEmbedConfig, quick: bool = False) -> List[PatchEmbedConfig]:

@@ -16,8 +16,8 @@ ahead-of-time compile tests must reproduce:
   (``"constexpr"`` for the folded ones), constants by name and attributes keyed by argument path.
 
 triton 3.2 to 3.5 sit between those two APIs; fastpatch's kernels run there, but these helpers
-raise ``RuntimeError`` on them rather than guess. Nothing here is imported by ``import fastpatch``;
-triton is imported inside the functions.
+raise ``RuntimeError`` on them rather than guess. Development tooling (the installed ``fastpatch``
+never imports it); triton is imported inside the functions.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _uses_attrs_descriptor() -> bool:
         return True
     if version >= (3, 6):
         return False
-    raise RuntimeError(f"fastpatch.compat knows the compile API of triton 3.1 and >= 3.6, not {version}")
+    raise RuntimeError(f"fastpatch_dev.compat knows the compile API of triton 3.1 and >= 3.6, not {version}")
 
 
 def _target(capability: int):

@@ -22,67 +22,18 @@ Every kernel tiles over two of the three GEMM axes and loops over the third:
 
 All products accumulate in fp32. ``UPCAST`` (set by the launcher when the Triton interpreter
 runs, whose bf16 arithmetic is wrong) converts every loaded value to fp32 before ``tl.dot``.
+Launch configurations: :mod:`fastpatch.kernels.patch_embed_configs`.
 """
 # No `from __future__ import annotations`: triton 3.1's interpreter treats a parameter as constexpr only
 # when its annotation is the `tl.constexpr` object itself, not the string the future import makes of it.
-from typing import Dict, NamedTuple, Tuple
-
-import torch
 import triton
 import triton.language as tl
 
 __all__ = [
-    "PatchEmbedConfig",
-    "PATCH_EMBED_CONFIGS",
-    "patch_embed_config",
     "patch_embed_fwd_kernel",
     "patch_embed_grad_weight_kernel",
     "patch_embed_grad_image_kernel",
 ]
-
-
-class PatchEmbedConfig(NamedTuple):
-    """Block sizes and launch options shared by the three patch-embedding kernels.
-
-    ``block_m`` tiles tokens, ``block_n`` embedding channels, ``block_k`` patch pixels.
-    """
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# Keyed by (capability class 80|90, "fp32"|"half", wide = embed_dim > 64); one entry serves the forward
-# and both backward kernels. At DUSt3R's size (batch 8 of 512x384: M = 6144, K = 768, E = 1024) the GEMM
-# does ~410 FLOP per byte it must move, just over an H100's ridge point (~270 for bf16): mildly compute-
-# bound, a few microseconds either way (bench/GPU_NOTES.md). fp32 keeps smaller tiles (its products run
-# on IEEE FMA, or on TF32 tensor cores when cuDNN's TF32 switch is on). Not timed on a GPU yet; static
-# evidence (CPU compiles, bench/results/2026-11-27-static/): the forward entries compile without
-# register spills, the half-precision sm_90 entry's backward kernels spill 40-112 B per thread.
-# Tuning: bench/sweep_patch_embed.py on a GPU (bench/gpu_tune.sh).
-PATCH_EMBED_CONFIGS: Dict[Tuple[int, str, bool], PatchEmbedConfig] = {
-    (80, "fp32", False): PatchEmbedConfig(64, 64, 32, 4, 3),
-    (80, "fp32", True): PatchEmbedConfig(64, 64, 32, 4, 3),
-    (80, "half", False): PatchEmbedConfig(128, 64, 32, 4, 3),
-    (80, "half", True): PatchEmbedConfig(128, 128, 32, 8, 3),
-    (90, "fp32", False): PatchEmbedConfig(64, 64, 32, 4, 3),
-    (90, "fp32", True): PatchEmbedConfig(64, 64, 32, 4, 3),
-    (90, "half", False): PatchEmbedConfig(128, 64, 64, 4, 3),
-    (90, "half", True): PatchEmbedConfig(128, 128, 64, 8, 3),
-}
-
-
-def patch_embed_config(embed_dim: int, dtype: torch.dtype, capability: int) -> PatchEmbedConfig:
-    """The launch configuration for ``embed_dim`` output channels in ``dtype`` on ``sm_<capability>``.
-
-    Capabilities below 90 use the sm_80 entries (the interpreter runs them too), 90 and above
-    the sm_90 entries.
-    """
-    arch = 90 if capability >= 90 else 80
-    kind = "fp32" if dtype == torch.float32 else "half"
-    return PATCH_EMBED_CONFIGS[(arch, kind, embed_dim > 64)]
 
 
 @triton.jit

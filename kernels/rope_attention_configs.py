@@ -1,11 +1,11 @@
 """Launch configurations of the RoPE flash-attention kernels: a plain table, no autotuning.
 
-Keyed by head dim (32, 64, 128), storage dtype, compute-capability class and, for float32, the
-dot precision (see :data:`DOT_PRECISIONS`): ``90`` for Hopper
-(sm_90, 227 KB shared memory per block), ``80`` for everything else the kernels run on (A100's
-sm_80 with 163 KB, but also sm_86/89 with ~99 KB, so the ``80`` entries stay under 99 KB; the
-interpreter uses them too). The DUSt3R family runs N = 196..768 tokens with 12-16 heads, so
-query blocks of 64 keep enough programs in flight (B*H*cdiv(N, 64)) for a GPU's SMs.
+Keyed by (GPU class, head dim, storage dtype, dot precision): the class is
+:func:`~fastpatch.kernels.gpu_classes.capability_class` of the device (80, 86, 90, 100, 120; the
+interpreter runs the ``80`` rows), the head dim 32, 64 or 128, and the dot precision (see
+:data:`DOT_PRECISIONS`) ``"ieee"``, or ``"tf32"`` for float32 when torch's TF32 switch is on.
+:mod:`.patch_embed_configs` has the same shape. The DUSt3R family runs N = 196..768 tokens with
+12-16 heads, so query blocks of 64 keep enough programs in flight (B*H*cdiv(N, 64)) for a GPU's SMs.
 
 Tile sizes are powers of two >= 16 (``tl.dot`` minimum); M = 64 per warpgroup lets Hopper use
 wgmma with 4 warps. IEEE fp32 runs the non-tensor-core (``ieee``) dot, whose operands take twice
@@ -13,26 +13,42 @@ the registers and shared memory, hence the smaller tiles and no software pipelin
 TF32 fp32 (``tf32``: tensor cores, operands rounded to a 10-bit mantissa) keeps fp32 operands in
 registers and shared memory too, so its entries take the half-precision tile shapes where they fit
 (Dh 32/64; the forward and dQ with 2 stages, dK/dV with 1) and IEEE fp32's backward tiles at Dh 128,
-within sm_80's 99 KB. These TF32 tiles were chosen from the shared memory of the AOT compiles, not
-tuned on a GPU.
+within 99 KB. These TF32 tiles were chosen from the shared memory of the AOT compiles, not tuned on
+a GPU.
 
-No entry has been timed on a GPU yet. Static evidence (CPU compiles, triton 3.7.1,
-``bench/results/2026-11-27-static/``): on sm_90 every head-dim-64 fp16/bf16 entry compiles without
-register spills (the compile tests hold that); the IEEE-fp32 and TF32 backward entries and, on sm_80,
-the half-precision dK/dV entry spill (200 B per thread there; 32-row query tiles do not). Tuning:
-``bench/sweep_attention.py`` on a GPU (``bench/gpu_tune.sh``), then record the choice and its results
-folder here.
+The rows by class (every one AOT-compiled for its class by ``tests/test_rope_attention_compile.py``;
+``docs/gpu-classes.md``):
+
+* ``80`` (A100, 163 KB) and ``90`` (Hopper, 227 KB): one set of tiles, :data:`_DATACENTER`, all under
+  99 KB (they served sm_86/89 too before the consumer classes had rows). No entry has been timed on a
+  GPU yet. Static evidence (CPU compiles, triton 3.7.1, ``bench/results/2026-11-27-static/``): on
+  sm_90 every head-dim-64 fp16/bf16 entry compiles without register spills (the compile tests hold
+  that); the IEEE-fp32 and TF32 backward entries and, on sm_80, the half-precision dK/dV entry spill
+  (200 B per thread there; 32-row query tiles do not). sm_80 keeps it until an A100 times the
+  alternatives (``bench/gpu_tune.sh``).
+* ``100`` (B200, 227 KB, tcgen05 tensor cores): the same tiles; on sm_100 every head-dim-64 fp16/bf16
+  kernel compiles to tcgen05 without spills.
+* ``86`` (RTX 30xx/40xx) and ``120`` (RTX 50xx): 99 KB per block, mma.sync only, and the same 64K
+  registers per SM: :data:`_CONSUMER`, the datacenter tiles except at head dim 64 in half precision,
+  whose dQ and dK/dV kernels spill there (16-288 B per thread on sm_120) and take narrower key
+  (dQ) and query (dK/dV) tiles that do not.
+
+Tuning: ``bench/sweep_attention.py`` on a GPU (``bench/gpu_tune.sh``), then record the choice and its
+results folder here.
 """
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["KernelConfig", "RopeAttentionConfig", "HEAD_DIMS", "CAPABILITY_CLASSES", "K_ROTATIONS", "DOT_PRECISIONS",
-           "capability_class", "dot_precisions", "rope_attention_config"]
+from .gpu_classes import CAPABILITY_CLASSES, capability_class
+
+__all__ = ["KernelConfig", "RopeAttentionConfig", "HEAD_DIMS", "DTYPES", "CAPABILITY_CLASSES", "K_ROTATIONS",
+           "DOT_PRECISIONS", "ROPE_ATTENTION_CONFIGS", "capability_class", "dot_precisions", "rope_attention_config"]
 
 HEAD_DIMS = (32, 64, 128)
-CAPABILITY_CLASSES = (80, 90)
+#: Storage dtypes the kernels take (other calls run the torch path).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: How the keys get rotated: "in_loop" rotates each key tile inside the attention loop (every query
 #: block redoes it); "pre_rotated" runs the RoPE kernel once to write rotated copies first.
 K_ROTATIONS = ("in_loop", "pre_rotated")
@@ -54,7 +70,7 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class RopeAttentionConfig:
-    """Everything the launchers choose for one (head dim, dtype, capability class)."""
+    """Everything the launchers choose for one (GPU class, head dim, dtype, dot precision)."""
 
     forward: KernelConfig
     backward_dq: KernelConfig
@@ -83,18 +99,35 @@ def _entry(forward: KernelConfig, backward_dq: KernelConfig, backward_dkdv: Kern
                                rope_block=2048 // head_dim)
 
 
-_TABLE: Dict[Tuple[int, torch.dtype, int, str], RopeAttentionConfig] = {}
-for _cap in CAPABILITY_CLASSES:
-    for _dtype in (torch.float16, torch.bfloat16):
-        _TABLE[(32, _dtype, _cap, "ieee")] = _entry(_HALF, _HALF, _HALF, 32)
-        _TABLE[(64, _dtype, _cap, "ieee")] = _entry(_HALF, _HALF, _HALF_DKDV, 64)
-        _TABLE[(128, _dtype, _cap, "ieee")] = _entry(_HALF_WIDE_HEAD, _HALF_WIDE_HEAD, _HALF_DKDV_WIDE_HEAD, 128)
-    _TABLE[(32, torch.float32, _cap, "ieee")] = _entry(_FP32, _FP32, _FP32_DKDV, 32)
-    _TABLE[(64, torch.float32, _cap, "ieee")] = _entry(_FP32, _FP32_BWD, _FP32_DKDV, 64)
-    _TABLE[(128, torch.float32, _cap, "ieee")] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD, 128)
-    _TABLE[(32, torch.float32, _cap, "tf32")] = _entry(_TF32, _TF32, _TF32_DKDV, 32)
-    _TABLE[(64, torch.float32, _cap, "tf32")] = _entry(_TF32, _TF32, _TF32_DKDV, 64)
-    _TABLE[(128, torch.float32, _cap, "tf32")] = _entry(_TF32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD, 128)
+def _rows(half_d64_dq: KernelConfig, half_d64_dkdv: KernelConfig) -> Dict[Tuple[int, torch.dtype, str],
+                                                                             RopeAttentionConfig]:
+    """One class's rows, (head dim, dtype, dot precision) -> config, given its head-dim-64 fp16/bf16 backward tiles."""
+    rows = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        rows[(32, dtype, "ieee")] = _entry(_HALF, _HALF, _HALF, 32)
+        rows[(64, dtype, "ieee")] = _entry(_HALF, half_d64_dq, half_d64_dkdv, 64)
+        rows[(128, dtype, "ieee")] = _entry(_HALF_WIDE_HEAD, _HALF_WIDE_HEAD, _HALF_DKDV_WIDE_HEAD, 128)
+    rows[(32, torch.float32, "ieee")] = _entry(_FP32, _FP32, _FP32_DKDV, 32)
+    rows[(64, torch.float32, "ieee")] = _entry(_FP32, _FP32_BWD, _FP32_DKDV, 64)
+    rows[(128, torch.float32, "ieee")] = _entry(_FP32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD, 128)
+    rows[(32, torch.float32, "tf32")] = _entry(_TF32, _TF32, _TF32_DKDV, 32)
+    rows[(64, torch.float32, "tf32")] = _entry(_TF32, _TF32, _TF32_DKDV, 64)
+    rows[(128, torch.float32, "tf32")] = _entry(_TF32_WIDE_HEAD, _FP32_WIDE_HEAD, _FP32_WIDE_HEAD, 128)
+    return rows
+
+
+#: sm_80, sm_90, sm_100: the tiles every datacenter class has run so far.
+_DATACENTER = _rows(half_d64_dq=_HALF, half_d64_dkdv=_HALF_DKDV)
+#: sm_86/89, sm_120: 99 KB, mma.sync; no spills at head dim 64 in half precision (module docstring).
+_CONSUMER = _rows(half_d64_dq=_HALF_WIDE_HEAD, half_d64_dkdv=_HALF_DKDV_WIDE_HEAD)
+
+#: (GPU class, head dim, storage dtype, dot precision) -> config.
+ROPE_ATTENTION_CONFIGS: Dict[Tuple[int, int, torch.dtype, str], RopeAttentionConfig] = {
+    (gpu_class, *key): config
+    for gpu_class, rows in ((80, _DATACENTER), (86, _CONSUMER), (90, _DATACENTER), (100, _DATACENTER),
+                            (120, _CONSUMER))
+    for key, config in rows.items()
+}
 
 
 def dot_precisions(dtype: torch.dtype) -> Tuple[str, ...]:
@@ -102,24 +135,17 @@ def dot_precisions(dtype: torch.dtype) -> Tuple[str, ...]:
     return DOT_PRECISIONS if dtype == torch.float32 else ("ieee",)
 
 
-def capability_class(capability) -> int:
-    """Table key for a ``(major, minor)`` compute capability; ``None`` (interpreter) maps to 80."""
-    if capability is not None and capability[0] == 9:
-        return 90
-    return 80
-
-
-def rope_attention_config(head_dim: int, dtype: torch.dtype, capability,
+def rope_attention_config(head_dim: int, dtype: torch.dtype, capability: Optional[Tuple[int, int]],
                           dot_precision: str = "ieee") -> RopeAttentionConfig:
-    """The launch configuration for ``head_dim``, storage ``dtype``, ``(major, minor)`` capability (or None)
-    and ``dot_precision`` (one of :func:`dot_precisions` of ``dtype``).
+    """The launch configuration for ``head_dim``, storage ``dtype``, ``(major, minor)`` capability (or None:
+    the interpreter) and ``dot_precision`` (one of :func:`dot_precisions` of ``dtype``).
 
     Raises:
         ValueError: for a head dim, dtype or dot precision the kernels have no configuration for.
     """
-    key = (head_dim, dtype, capability_class(capability), dot_precision)
-    if key not in _TABLE:
+    key = (capability_class(capability), head_dim, dtype, dot_precision)
+    if key not in ROPE_ATTENTION_CONFIGS:
         raise ValueError(f"RoPE attention kernels support head dims {HEAD_DIMS} in float16/bfloat16/float32 "
                          f"(dot precision 'ieee', or 'tf32' for float32); got head dim {head_dim} with {dtype} "
                          f"and {dot_precision!r}")
-    return _TABLE[key]
+    return ROPE_ATTENTION_CONFIGS[key]

@@ -9,7 +9,7 @@ import pkgutil
 import pytest
 
 import fastpatch.kernels
-from fastpatch import compat
+from fastpatch_dev import compat
 
 
 def _jit_functions():

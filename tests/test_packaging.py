@@ -1,8 +1,10 @@
 """The built wheel: kernels/ installed as fastpatch.kernels (nothing named `kernels` at top level), every module
-packaged, and requirements that never replace the user's torch or triton."""
+packaged, no development tooling (fastpatch_dev/), and requirements that never replace the user's torch or
+triton."""
+import re
+import shutil
 import subprocess
 import sys
-import re
 import zipfile
 from pathlib import Path
 
@@ -13,8 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)]
+    """The wheel of a clean copy of the sources: setuptools would reuse a stale ``build/`` of the checkout
+    (modules since moved or deleted would be in the wheel)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("setup.py", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("fastpatch", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)]
     subprocess.run(cmd, check=True, capture_output=True)
     (path,) = out.glob("fastpatch-*.whl")
     return zipfile.ZipFile(path)
@@ -45,6 +53,30 @@ def test_every_source_module_is_packaged(wheel_names):
     sources += [Path("fastpatch/kernels") / p.relative_to(ROOT / "kernels") for p in (ROOT / "kernels").rglob("*.py")]
     missing = [str(p) for p in sources if str(p) not in wheel_names]
     assert not missing, f"modules missing from the wheel (add their package to setup.py): {missing}"
+
+
+def test_development_tooling_is_not_packaged(wheel, wheel_names):
+    """The AOT compile helpers (cuobjdump, subprocess shards, compile_for_gpu, resource_usage, launch recording)
+    and the triton-version compile shims live in fastpatch_dev/, which is not installed; the installed
+    fastpatch.testing keeps the tolerances only, and nothing installed imports the tooling."""
+    assert not [n for n in wheel_names if n.startswith("fastpatch_dev/")]
+    assert "fastpatch/compat.py" not in wheel_names
+    testing = wheel.read("fastpatch/testing.py").decode()
+    for name in ("TOLERANCES", "Tolerance", "relative_error", "assert_close_to_reference"):
+        assert f"{name}" in testing
+    for tooling in ("cuobjdump", "subprocess", "compile_for_gpu", "resource_usage", "recorded_launches",
+                    "SHARED_MEMORY_LIMIT", "compile_results_in_subprocesses"):
+        assert tooling not in testing, tooling
+    sources = {n: wheel.read(n).decode() for n in wheel_names if n.endswith(".py")}
+    assert not [n for n, text in sources.items() if re.search(r"^\s*(from|import)\s+fastpatch_dev", text, flags=re.M)]
+
+
+def test_tooling_is_importable_from_the_repository():
+    """What moved out of the wheel is where the tests and benchmarks import it from."""
+    from fastpatch_dev import aot, compat
+
+    assert callable(aot.compile_for_gpu) and callable(aot.resource_usage) and callable(compat.launch_specialization)
+    assert (ROOT / "fastpatch_dev" / "aot.py").exists() and not (ROOT / "fastpatch" / "compat.py").exists()
 
 
 def test_requires_torch_2_5_and_no_triton(requirements):

