@@ -25,20 +25,32 @@ Forcing ``triton`` for tensors that no Triton backend can run (CPU without the i
 raises :class:`RuntimeError`; it never falls back silently. Without an importable triton (see
 :mod:`fastpatch.triton_available`), ``auto`` runs the torch path where it would run the kernels,
 with one warning, and a forced ``triton`` raises.
+
+Where the Triton backend is chosen (or forced) but the kernels cannot take the call's inputs --
+inputs carrying forward-mode AD tangents, a dtype or head dim without kernels, dropout -- the op
+runs the torch path with a ``RuntimeWarning`` giving the reason. :func:`decide` is the one function
+that applies all of these rules, for both ops and for the self-check (``python -m fastpatch``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .triton_available import require_triton, triton_available, warn_without_triton
+from .kernels.patch_embed_configs import DTYPES as PATCH_EMBED_DTYPES  # plain tables: no triton import
+from .kernels.rope_attention_configs import DTYPES as ATTENTION_DTYPES
+from .kernels.rope_attention_configs import HEAD_DIMS as ATTENTION_HEAD_DIMS
+from .ops.forward_ad import carries_tangents
+from .triton_available import require_triton, triton_available, triton_import_error, warn_without_triton
 
 __all__ = [
     "BACKENDS",
+    "OPS",
+    "Decision",
+    "decide",
     "interpreter_active",
     "refresh_environment",
     "requested_backend",
@@ -50,6 +62,8 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "torch")
+#: The ops :func:`decide` knows.
+OPS = ("rope_attention", "patch_embed")
 
 # The per-thread stack of forced backends, innermost last, under the attribute ``stack``. A plain
 # ``threading.local`` (not a subclass) and list mutation only: what torch.compile traces (torch >= 2.4).
@@ -175,28 +189,109 @@ def _triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_active()
 
 
-def select_backend(*tensors: Optional[torch.Tensor]) -> str:
-    """Return ``"triton"`` or ``"torch"`` for an op whose inputs are ``tensors``.
+class Decision(NamedTuple):
+    """Which implementation runs an op's call, and why (:func:`decide`).
+
+    Attributes:
+        backend: ``"triton"`` or ``"torch"``.
+        reason: why, in words (what ``python -m fastpatch`` prints).
+        fallback: True when the Triton backend was chosen but its kernels cannot take these inputs,
+            so the torch path stands in: the op warns with ``reason``.
+    """
+
+    backend: str
+    reason: str
+    fallback: bool = False
+
+
+_FORCED_TORCH = Decision("torch", "forced (FASTPATCH_BACKEND=torch or use_backend('torch'))")
+#: (on CUDA, forced) -> the decision to run the kernels.
+_TRITON: Dict[Tuple[bool, bool], Decision] = {
+    (on_cuda, forced): Decision("triton", ("compiled Triton kernels on CUDA" if on_cuda else
+                                           "Triton kernels in the interpreter (TRITON_INTERPRET=1: slow, for testing)")
+                                + (" (forced)" if forced else ""))
+    for on_cuda in (True, False) for forced in (True, False)
+}
+_CPU_TORCH = Decision("torch", "CPU tensors run the torch path (TRITON_INTERPRET=1, set before triton is imported, "
+                               "would run the kernels in the Triton interpreter instead)")
+
+
+def _attention_refusal(tensors, dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None,
+                       dropout_p: Optional[float] = None) -> Optional[str]:
+    if carries_tangents(*tensors):
+        return "the Triton attention kernels have no forward-mode AD formula (dual tensors)"
+    if dropout_p is not None and dropout_p > 0.0:
+        return "the Triton attention kernels have no dropout (dropout_p > 0)"
+    if head_dim is not None and head_dim not in ATTENTION_HEAD_DIMS:
+        return f"the Triton attention kernels support head dims {ATTENTION_HEAD_DIMS}, got {head_dim}"
+    if dtype is not None and dtype not in ATTENTION_DTYPES:
+        return f"the Triton attention kernels support float16/bfloat16/float32, got {dtype}"
+    return None
+
+
+def _patch_embed_refusal(tensors, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    if dtype is not None and dtype not in PATCH_EMBED_DTYPES:
+        return f"the Triton patch-embedding kernels support float32/float16/bfloat16, got {dtype}"
+    if carries_tangents(*tensors):
+        return "the Triton patch-embedding kernels have no forward-mode AD formula (dual tensors)"
+    return None
+
+
+#: op -> why its kernels refuse a call (None: they take it), from the call's tensors and facts.
+_REFUSALS = {"rope_attention": _attention_refusal, "patch_embed": _patch_embed_refusal}
+
+
+def decide(op: Optional[str], *tensors: Optional[torch.Tensor], **facts) -> Decision:
+    """Which backend runs ``op`` on these inputs, and why: the one place the rules are applied.
+
+    Args:
+        op: ``"rope_attention"`` or ``"patch_embed"`` (:data:`OPS`); None applies the device rules only.
+        tensors: the call's tensors (None entries skipped): their one device, and whether any carries
+            a forward-mode AD tangent.
+        facts: what else the kernels depend on; a fact not given is not checked. ``rope_attention``:
+            ``dtype``, ``head_dim``, ``dropout_p``; ``patch_embed``: ``dtype`` (after autocast).
+
+    Returns:
+        A :class:`Decision` ``(backend, reason, fallback)``. Without triton, where ``auto`` would run the
+        kernels, the torch path is chosen and the one no-triton ``RuntimeWarning`` per process is issued.
 
     Raises:
-        ValueError: tensors on different devices.
+        ValueError: tensors on different devices, an invalid ``FASTPATCH_BACKEND``, an unknown ``op``.
         RuntimeError: ``triton`` was forced for a device no Triton backend runs on, or without triton.
     """
+    refusal = _REFUSALS.get(op) if op is not None else None
+    if refusal is None and op is not None:
+        raise ValueError(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
     device = common_device(*tensors)
     requested = requested_backend()
     if requested == "torch":
-        return "torch"
-    if requested == "triton":
+        return _FORCED_TORCH
+    forced = requested == "triton"
+    if forced:
         if not _triton_can_run(device):
             raise RuntimeError(
                 f"fastpatch backend 'triton' was forced but the tensors are on {device}; Triton runs on CUDA, "
                 "or on CPU only with TRITON_INTERPRET=1 set before triton is imported"
             )
         require_triton(device)
-        return "triton"
-    if not _triton_can_run(device):
-        return "torch"
-    if not triton_available():
+    elif not _triton_can_run(device):
+        return _CPU_TORCH if device.type == "cpu" else Decision(
+            "torch", f"no Triton backend for {device.type} tensors: the torch path")
+    elif not triton_available():
         warn_without_triton(device)
-        return "torch"
-    return "triton"
+        return Decision("torch", f"triton cannot be imported ({triton_import_error()}), so the torch path runs "
+                                 "instead of the kernels")
+    reason = refusal(tensors, **facts) if refusal is not None else None
+    if reason is not None:
+        return Decision("torch", reason, fallback=True)
+    return _TRITON[(device.type == "cuda", forced)]
+
+
+def select_backend(*tensors: Optional[torch.Tensor]) -> str:
+    """Return ``"triton"`` or ``"torch"`` for an op whose inputs are ``tensors``: :func:`decide`'s device rules.
+
+    Raises:
+        ValueError: tensors on different devices.
+        RuntimeError: ``triton`` was forced for a device no Triton backend runs on, or without triton.
+    """
+    return decide(None, *tensors).backend

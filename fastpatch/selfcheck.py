@@ -5,8 +5,8 @@ It prints, in this order:
 1. versions (fastpatch, python, torch and its CUDA, triton or why it does not import), the
    environment variables fastpatch reads, and the devices (each GPU's name, capability, memory);
 2. which backend each op (``rope_attention``, ``patch_embed``) would use on each device, and why,
-   as :func:`fastpatch.backend.select_backend` decides it for tensors on that device, plus which
-   calls the kernels leave to the torch path;
+   as :func:`fastpatch.backend.decide` decides it for tensors on that device, plus which calls the
+   kernels leave to the torch path;
 3. wherever that backend is ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``, through the
    interpreter), a check of every kernel against the torch path: attention forward and backward
    (cross-attention shapes, head dim 64) and the patch embedding forward and backward, plain and
@@ -33,17 +33,17 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from . import __version__
-from .backend import interpreter_active, requested_backend, select_backend, use_backend
-from .ops.patch_embed import TRITON_DTYPES as PATCH_EMBED_DTYPES
+from .backend import OPS, decide, use_backend
+from .kernels.patch_embed_configs import DTYPES as PATCH_EMBED_DTYPES
+from .kernels.rope_attention_configs import DTYPES as ATTENTION_DTYPES
+from .kernels.rope_attention_configs import HEAD_DIMS
 from .ops.patch_embed import patch_embed
-from .ops.rope_attention import TRITON_DTYPES as ATTENTION_DTYPES
 from .ops.rope_attention import rope_attention
 from .testing import TOLERANCES, relative_error
 from .triton_available import triton_import_error
 
 __all__ = ["CheckResult", "main", "backend_choice", "kernel_checks", "devices"]
 
-OPS = ("rope_attention", "patch_embed")
 CHECK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIM = 64
 PATCH = 16
@@ -110,34 +110,19 @@ def _describe(device: torch.device) -> str:
             f"{props.multi_processor_count} SMs")
 
 
-def backend_choice(device: torch.device) -> Tuple[str, str]:
-    """``(backend, why)`` for an op's tensors on ``device``; backend is ``"error"`` where the op would raise."""
+def backend_choice(device: torch.device, op: str = OPS[0]) -> Tuple[str, str]:
+    """``(backend, why)`` for ``op``'s tensors on ``device``, from :func:`fastpatch.backend.decide`;
+    backend is ``"error"`` where the op would raise."""
     with warnings.catch_warnings(record=True):  # the no-triton warning: its reason is given as the why
         warnings.simplefilter("always")
         try:
-            requested = requested_backend()
-            backend = select_backend(torch.empty(0, device=device))
+            decision = decide(op, torch.empty(0, device=device))
         except (RuntimeError, ValueError) as exc:
             return "error", str(exc)
-    if requested == "torch":
-        return "torch", "forced (FASTPATCH_BACKEND=torch or use_backend('torch'))"
-    forced = " (forced)" if requested == "triton" else ""
-    if backend == "triton":
-        if device.type == "cuda":
-            return "triton", "compiled Triton kernels on CUDA" + forced
-        return "triton", "Triton kernels in the interpreter (TRITON_INTERPRET=1: slow, for testing)" + forced
-    kernels_wanted = device.type == "cuda" or (device.type == "cpu" and interpreter_active())
-    if kernels_wanted and triton_import_error() is not None:  # warned once per process (caught above)
-        return "torch", f"triton cannot be imported ({triton_import_error()}), so the torch path runs instead of the kernels"
-    if device.type == "cpu":
-        return "torch", ("CPU tensors run the torch path (TRITON_INTERPRET=1, set before triton is imported, "
-                         "would run the kernels in the Triton interpreter instead)")
-    return "torch", f"no Triton backend for {device.type} tensors: the torch path"
+    return decision.backend, decision.reason
 
 
 def _coverage_lines() -> List[str]:
-    from .kernels.rope_attention_configs import HEAD_DIMS
-
     def names(dtypes: Sequence[torch.dtype]) -> str:
         return "/".join(_dtype_name(d) for d in dtypes)
 
@@ -275,11 +260,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernel_devices = []
     print("backend per op and device (fastpatch/backend.py):")
     for device in found:
-        backend, why = backend_choice(device)
-        failures += backend == "error"
-        if backend == "triton":
+        choices = {op: backend_choice(device, op) for op in OPS}
+        backends = {backend for backend, _ in choices.values()}
+        failures += "error" in backends
+        if "triton" in backends:
             kernel_devices.append(device)
-        for op in OPS:
+        for op, (backend, why) in choices.items():
             print(f"  {str(device):<8} {op:<15} {backend:<6} {why}")
     for line in _coverage_lines():
         print(f"  {line}")

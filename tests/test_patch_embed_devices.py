@@ -8,6 +8,7 @@ import torch
 
 import fastpatch
 from fastpatch import reference
+from fastpatch.backend import Decision
 from fastpatch.ops import patch_embed as ops
 from fastpatch.ops import patch_embed_triton
 from fastpatch.ops.patch_embed import patch_embed
@@ -44,7 +45,7 @@ def test_host_true_shape_with_image_on_another_device(monkeypatch, path):
     """Image and weights on ``meta``, true_shape on the CPU: the flags reach the implementation as a
     (B,) bool tensor on the image's device, and forward and backward give the right shapes."""
     if path == "triton":  # meta tensors cannot run Triton: route them to the custom op (its fake impl)
-        monkeypatch.setattr(ops, "select_backend", lambda *tensors: "triton")
+        monkeypatch.setattr(ops, "decide", lambda op, *tensors, **facts: Decision("triton", "routed by the test"))
         seen = _record_portrait(monkeypatch, patch_embed_triton, "_patch_embed_fwd")
     else:
         seen = _record_portrait(monkeypatch, ops, "patch_embed_torch")

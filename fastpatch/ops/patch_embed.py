@@ -1,7 +1,7 @@
 """Public patch embedding: ``tokens, pos = patch_embed(img, weight, bias, patch_size, true_shape, many_ar)``.
 
 This file validates the inputs (before any work; no host synchronisation on accelerators) and
-picks the implementation with :func:`fastpatch.backend.select_backend`:
+picks the implementation with :func:`fastpatch.backend.decide`:
 
 * ``"triton"``: the fused kernels behind the custom ops of :mod:`fastpatch.ops.patch_embed_triton`
   (CUDA, or CPU under the Triton interpreter);
@@ -14,15 +14,14 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..backend import select_backend
+from ..backend import decide
+from ..kernels.patch_embed_configs import DTYPES as TRITON_DTYPES  # a plain table: no triton import
 from ..launchers.device import capturing_cuda_graph
 from ..triton_available import imported_once
-from .forward_ad import carries_tangents
 from .patch_embed_torch import patch_embed_torch
 
 __all__ = ["patch_embed"]
 
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TORCH_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 @imported_once
@@ -125,18 +124,27 @@ def _check_true_shape_values(true_shape: torch.Tensor, height: int, width: int) 
                      "batch tensor: a landscape sample must be (H, W), a portrait one (W, H)")
 
 
-def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-    """Cast as autocast casts ``conv2d``'s inputs when it is on for the image's device: floating
-    tensors other than float64 go to the autocast dtype; float64 and non-floating ones are kept.
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts ``conv2d``'s inputs to on ``device_type``, or None where it is off.
 
     Devices without autocast (``meta``) are left alone: asking them raises in torch.
     """
-    device_type = img.device.type
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _casts(t: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
+    """Whether autocast to ``dtype`` casts ``t``: floating tensors other than float64 (those and
+    non-floating ones are kept)."""
+    return dtype is not None and t.is_floating_point() and t.dtype != torch.float64
+
+
+def _autocast(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: Optional[torch.dtype]):
+    """Cast as autocast casts ``conv2d``'s inputs when it is on (``dtype``, from :func:`_autocast_dtype`)."""
+    if dtype is None:
         return img, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (img, weight, bias))
+    return tuple(t.to(dtype) if _casts(t, dtype) else t for t in (img, weight, bias))
 
 
 def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, patch_size: Union[int, Sequence[int]],
@@ -175,17 +183,16 @@ def patch_embed(img: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pat
     _check_tensors(img, weight, bias)
     p = _square_patch(patch_size, weight)
     _check_grid(img, p)
-    backend = select_backend(img, weight, bias)  # raises for img, weight and bias on different devices
-    img, weight, bias = _autocast(img, weight, bias)
+    cast_to = _autocast_dtype(img.device.type)
+    # Decided before the dtype and ManyAR checks (device errors first), on the dtype the image will have
+    # after autocast; raises for img, weight and bias on different devices. Its warning waits for the checks.
+    decision = decide("patch_embed", img, weight, bias, dtype=cast_to if _casts(img, cast_to) else img.dtype)
+    img, weight, bias = _autocast(img, weight, bias, cast_to)
     _check_dtypes(img, weight, bias)
     portrait = _portrait_flags(img, true_shape) if many_ar else None
-    if backend == "triton":
-        if img.dtype not in TRITON_DTYPES:
-            reason = f"the Triton patch-embedding kernels support float32/float16/bfloat16, got {img.dtype}"
-        elif carries_tangents(img, weight, bias):
-            reason = "the Triton patch-embedding kernels have no forward-mode AD formula (dual tensors)"
-        else:
-            return _triton_op()(img, weight, bias, p, portrait)
-        warnings.warn(f"fastpatch: {reason}; this patch embedding runs on the torch path", RuntimeWarning,
+    if decision.backend == "triton":
+        return _triton_op()(img, weight, bias, p, portrait)
+    if decision.fallback:
+        warnings.warn(f"fastpatch: {decision.reason}; this patch embedding runs on the torch path", RuntimeWarning,
                       stacklevel=2)
     return patch_embed_torch(img, weight, bias, p, portrait)

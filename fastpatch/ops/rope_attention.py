@@ -1,7 +1,7 @@
 """Public RoPE attention: ``softmax(rope(q) rope(k)^T * scale) v`` with 2-D rotary positions.
 
 This file validates the inputs (shapes, dtypes, devices; no host synchronisation) and picks the
-implementation with :func:`fastpatch.backend.select_backend`:
+implementation with :func:`fastpatch.backend.decide`:
 
 * ``"triton"``: the flash-attention kernels of :mod:`fastpatch.ops.rope_attention_triton`
   (CUDA, or CPU under the Triton interpreter);
@@ -14,15 +14,12 @@ from typing import Optional
 
 import torch
 
-from ..backend import select_backend
-from ..kernels.rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # a plain table: no triton import
+from ..backend import decide
+from ..kernels.rope_attention_configs import DTYPES as TRITON_DTYPES  # a plain table: no triton import
 from ..triton_available import imported_once
-from .forward_ad import carries_tangents
 from .rope_attention_torch import rope_attention_torch
 
 __all__ = ["rope_attention"]
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @imported_once
 def _triton_op():
@@ -59,19 +56,6 @@ def _check_positions(name: str, pos: object, batch: int, tokens: int) -> torch.T
         raise ValueError(f"{name} has shape {tuple(pos.shape)} but the tokens need ({batch}, {tokens}, 2): "
                          "one (y, x) pair per token")
     return pos
-
-
-def _triton_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> Optional[str]:
-    """Why the Triton kernels cannot run this call, or None when they can."""
-    if carries_tangents(q, k, v):
-        return "the Triton attention kernels have no forward-mode AD formula (dual tensors)"
-    if dropout_p > 0.0:
-        return "the Triton attention kernels have no dropout (dropout_p > 0)"
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        return f"the Triton attention kernels support head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}"
-    if q.dtype not in TRITON_DTYPES:
-        return f"the Triton attention kernels support float16/bfloat16/float32, got {q.dtype}"
-    return None
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Optional[torch.Tensor],
@@ -133,13 +117,11 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: Opt
     if scale is None:
         scale = head_dim ** -0.5
 
-    backend = select_backend(q, k, v, q_pos, k_pos)
-    if backend == "triton":
-        reason = _triton_unsupported(q, k, v, dropout_p)
-        if reason is not None:
-            warnings.warn(f"fastpatch: {reason}; this attention runs on the torch path", RuntimeWarning, stacklevel=2)
-            backend = "torch"
-    if backend == "torch":
+    decision = decide("rope_attention", q, k, v, q_pos, k_pos, dtype=q.dtype, head_dim=head_dim, dropout_p=dropout_p)
+    if decision.fallback:
+        warnings.warn(f"fastpatch: {decision.reason}; this attention runs on the torch path", RuntimeWarning,
+                      stacklevel=2)
+    if decision.backend == "torch":
         return rope_attention_torch(q, k, v, q_pos, k_pos, rope_base, rope_f0, scale, dropout_p)
 
     if q_pos is not None and not q_pos.dtype == k_pos.dtype == torch.int64:
