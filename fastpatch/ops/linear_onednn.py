@@ -1,11 +1,15 @@
 """Linear layers on CPU through oneDNN, with the GELU or the residual add fused into the GEMM.
 
 ``torch.nn.functional.linear`` on a float32 CPU tensor runs MKL's ``sgemm`` after copying the bias
-into the output. On the 2-core AMD EPYC (AVX-512) machine the project benchmarks on, MKL's sgemm ran
-DUSt3R's encoder GEMMs at about two thirds of the speed of oneDNN's AVX-512 kernels (2026-12-02,
-torch 2.13, 2 threads, a (1, 768, in) input, 5 timed calls per side on a shared, loaded machine:
-1024 -> 3072 in 71-78 vs 48-50 ms, 1024 -> 1024 in 40 vs 24 ms, 4096 -> 1024 in 90 vs 60-64 ms);
-the whole encoder is in ``bench/results/2026-12-02-cpu-upstream``.
+into the output. Measured on the 2-core AMD EPYC (AVX-512) machine, 2026-12-02, torch 2.13, 2 threads,
+a (1, 768, in) input, 5 timed calls per side: on the quiet machine (load average < 1) MKL and
+oneDNN with the plain weight were level (1024 -> 3072: 28 vs 27 ms; 4096 -> 1024: 34-39 vs 35-37 ms),
+and oneDNN with a prepacked weight (``mkldnn._reorder_linear_weight``) about 10% faster (26 and
+31 ms; not used here: it would hold a second copy of every weight); under a load average of ~4.6
+from other processes MKL slowed down more (1024 -> 3072: 71-78 vs 48-50 ms, 4096 -> 1024: 90 vs
+60-64 ms). What this op saves for sure is the passes the fused post-ops replace (bias copy, GELU,
+residual add). Whole-encoder results: ``bench/results/2026-12-02-cpu-upstream``.
+
 ``torch.ops.mkldnn._linear_pointwise`` -- the op inductor's CPU lowering uses for frozen linears --
 runs oneDNN's inner product on plain (strided) tensors, applies the bias, and can apply a post-op
 on the fp32 accumulator before the result is written: ``"gelu"`` (exact erf GELU, the
