@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from .qknorm_rope import load_norm_rope, token_coordinates
-from .rope import load_pair_halves, load_rows, pair_scores, round_to
-from .rope_attention_fwd import LN2, LOG2E
+from .rope_attention_fwd import LOG2E, attend_key_tiles, store_attention_tile
 
 
 @triton.jit
@@ -56,34 +55,9 @@ def qknorm_rope_attention_fwd_kernel(
     q_a, q_b = load_norm_rope(q_ptr + batch * stride_qb + head * stride_qh, stride_qn, stride_qd, offs_m, mask_m,
                               q_w_ptr, q_b_ptr, eps, row, col, freq_ptr, HEAD_DIM, STORAGE_ROPE, UPCAST_BF16)
 
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_len
-        # load a pre-normalised, pre-rotated key tile and its value tile
-        k_a, k_b = load_pair_halves(k_base, stride_kn, stride_kd, offs_n, mask_n, pos_ptr, 0, 0, freq_ptr,
-                                    HEAD_DIM, False, UPCAST_BF16)
-        v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
-        # scale: base-2 scores, keys past the end masked out
-        scores = pair_scores(q_a, q_b, k_a, k_b, DOT_PRECISION)
-        scores = tl.where(mask_n[None, :], scores * qk_scale_log2, float("-inf"))
-        # online softmax
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        correction = tl.exp2(row_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * correction + tl.sum(probs, 1)
-        probs = round_to(probs, v_ptr.dtype.element_ty, UPCAST_BF16)
-        acc = tl.dot(probs, v, acc * correction[:, None], input_precision=DOT_PRECISION)
-        row_max = new_max
-
-    # store the normalised output and the log-sum-exp
-    out = acc / row_sum[:, None]
-    out_ptrs = (out_ptr + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on
-                + offs_d[None, :] * stride_od)
-    out = round_to(out, out_ptr.dtype.element_ty, UPCAST_BF16).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptrs, out, mask=mask_m[:, None])
-    lse = (row_max + tl.log2(row_sum)) * LN2
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_len + offs_m, lse, mask=mask_m)
+    # main loop over the pre-normalised, pre-rotated keys, then the epilogue
+    acc, row_max, row_sum = attend_key_tiles(
+        q_a, q_b, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, pos_ptr, 0, 0, freq_ptr, seq_len,
+        qk_scale_log2, BLOCK_M, BLOCK_N, HEAD_DIM, False, UPCAST_BF16, DOT_PRECISION)
+    store_attention_tile(acc, row_max, row_sum, out_ptr + batch * stride_ob + head * stride_oh, stride_on, stride_od,
+                         lse_ptr + batch_head.to(tl.int64) * seq_len, offs_m, mask_m, HEAD_DIM, UPCAST_BF16)

@@ -15,6 +15,53 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def attend_key_tiles(q_a, q_b, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, k_pos_base,
+                     stride_kpos_n, stride_kpos_c, freq_ptr, seq_k, qk_scale_log2,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE_K: tl.constexpr,
+                     UPCAST_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The flash main loop of one query tile (pair halves ``q_a``, ``q_b``, already rotated) over all
+    ``seq_k`` keys of one (batch, head): returns fp32 ``(acc (BLOCK_M, Dh), row_max, row_sum)``, the
+    unnormalised output and the base-2 running maximum and sum of the online softmax. ``ROTATE_K``
+    rotates each key tile by its positions; otherwise the keys are read as they are."""
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(0, seq_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seq_k
+        # load (+ rotate) a key tile, load its value tile
+        k_a, k_b = load_pair_halves(k_base, stride_kn, stride_kd, offs_n, mask_n, k_pos_base, stride_kpos_n,
+                                    stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K, UPCAST_BF16)
+        v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
+        # scale: base-2 scores, keys past the end masked out
+        scores = pair_scores(q_a, q_b, k_a, k_b, DOT_PRECISION)
+        scores = tl.where(mask_n[None, :], scores * qk_scale_log2, float("-inf"))
+        # online softmax: rescale the running sum and accumulator to the new row maximum
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        correction = tl.exp2(row_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        probs = round_to(probs, v_base.dtype.element_ty, UPCAST_BF16)
+        acc = tl.dot(probs, v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def store_attention_tile(acc, row_max, row_sum, out_base, stride_on, stride_od, lse_row_ptr, offs_m, mask_m,
+                         HEAD_DIM: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """Store one query tile's normalised output (rows ``offs_m`` of ``out_base``, in its dtype) and the
+    natural-log log-sum-exp of its scaled scores (fp32, at ``lse_row_ptr + offs_m``)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = acc / row_sum[:, None]
+    out_ptrs = out_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    out = round_to(out, out_base.dtype.element_ty, UPCAST_BF16).to(out_base.dtype.element_ty)
+    tl.store(out_ptrs, out, mask=mask_m[:, None])
+    lse = (row_max + tl.log2(row_sum)) * LN2
+    tl.store(lse_row_ptr + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
 def rope_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, freq_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -51,34 +98,9 @@ def rope_attention_fwd_kernel(
                                 q_pos_ptr + batch * stride_qpos_b, stride_qpos_n, stride_qpos_c, freq_ptr,
                                 HEAD_DIM, ROPE, UPCAST_BF16)
 
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(0, seq_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_k
-        # load + rotate a key tile, load its value tile
-        k_a, k_b = load_pair_halves(k_base, stride_kn, stride_kd, offs_n, mask_n, k_pos_base, stride_kpos_n,
-                                    stride_kpos_c, freq_ptr, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16)
-        v = load_rows(v_base, stride_vn, stride_vd, offs_n, mask_n, HEAD_DIM, UPCAST_BF16)
-        # scale: base-2 scores, keys past the end masked out
-        scores = pair_scores(q_a, q_b, k_a, k_b, DOT_PRECISION)
-        scores = tl.where(mask_n[None, :], scores * qk_scale_log2, float("-inf"))
-        # online softmax: rescale the running sum and accumulator to the new row maximum
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        correction = tl.exp2(row_max - new_max)
-        probs = tl.exp2(scores - new_max[:, None])
-        row_sum = row_sum * correction + tl.sum(probs, 1)
-        probs = round_to(probs, v_ptr.dtype.element_ty, UPCAST_BF16)
-        acc = tl.dot(probs, v, acc * correction[:, None], input_precision=DOT_PRECISION)
-        row_max = new_max
-
-    # store the normalised output and the log-sum-exp
-    out = acc / row_sum[:, None]
-    out_ptrs = (out_ptr + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on
-                + offs_d[None, :] * stride_od)
-    out = round_to(out, out_ptr.dtype.element_ty, UPCAST_BF16).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptrs, out, mask=mask_m[:, None])
-    lse = (row_max + tl.log2(row_sum)) * LN2
-    tl.store(lse_ptr + batch_head.to(tl.int64) * seq_q + offs_m, lse, mask=mask_m)
+    acc, row_max, row_sum = attend_key_tiles(
+        q_a, q_b, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, k_pos_base, stride_kpos_n,
+        stride_kpos_c, freq_ptr, seq_k, qk_scale_log2, BLOCK_M, BLOCK_N, HEAD_DIM, ROTATE_K_IN_LOOP, UPCAST_BF16,
+        DOT_PRECISION)
+    store_attention_tile(acc, row_max, row_sum, out_ptr + batch * stride_ob + head * stride_oh, stride_on, stride_od,
+                         lse_ptr + batch_head.to(tl.int64) * seq_q, offs_m, mask_m, HEAD_DIM, UPCAST_BF16)
