@@ -27,8 +27,13 @@ __all__ = ["rope_rows", "norm_rope", "qknorm_rope_attention_torch", "heads_per_c
 CHUNK_BYTES = 16 << 20
 
 
-#: At most this fraction of the heads per group: a group's temporaries stay small next to the output.
-CHUNK_FRACTION = 4
+#: At most this fraction of the heads per group: a group's temporaries stay small next to the output,
+#: and a group's q', k', v and scores stay in the caches SDPA reads them from. Measured on the 2-core
+#: AVX-512 CPU (2026-12-03, bench/test_bench_vggt.py's sizes, VGGT's 16 heads, 15 interleaved rounds vs
+#: eager): groups of 2 heads ran the frame op (8 x 1041 tokens) 1.30x eager and the global op (2082
+#: tokens) 1.12x; groups of 4: 1.20x / 1.11x; 7: 1.13x / 1.08x; 1: 1.24x / 0.94x (a 1-head global
+#: SDPA call has too few blocks for two threads).
+CHUNK_FRACTION = 8
 
 
 def heads_per_chunk(batch: int, heads: int, tokens: int, head_dim: int, element_size: int) -> int:
