@@ -34,6 +34,7 @@ that applies all of these rules, for both ops and for the self-check (``python -
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -63,7 +64,7 @@ __all__ = [
 
 BACKENDS = ("auto", "triton", "torch")
 #: The ops :func:`decide` knows.
-OPS = ("rope_attention", "patch_embed")
+OPS = ("rope_attention", "patch_embed", "qknorm_rope_attention")
 
 # The per-thread stack of forced backends, innermost last, under the attribute ``stack``. A plain
 # ``threading.local`` (not a subclass) and list mutation only: what torch.compile traces (torch >= 2.4).
@@ -217,15 +218,17 @@ _CPU_TORCH = Decision("torch", "CPU tensors run the torch path (TRITON_INTERPRET
 
 
 def _attention_refusal(tensors, dtype: Optional[torch.dtype] = None, head_dim: Optional[int] = None,
-                       dropout_p: Optional[float] = None) -> Optional[str]:
+                       dropout_p: Optional[float] = None, kernels: str = "attention") -> Optional[str]:
+    """Why the Triton ``kernels`` ("attention", or "qk-norm attention": the same head-dim and dtype
+    tables) refuse a call, or None."""
     if carries_tangents(*tensors):
-        return "the Triton attention kernels have no forward-mode AD formula (dual tensors)"
+        return f"the Triton {kernels} kernels have no forward-mode AD formula (dual tensors)"
     if dropout_p is not None and dropout_p > 0.0:
-        return "the Triton attention kernels have no dropout (dropout_p > 0)"
+        return f"the Triton {kernels} kernels have no dropout (dropout_p > 0)"
     if head_dim is not None and head_dim not in ATTENTION_HEAD_DIMS:
-        return f"the Triton attention kernels support head dims {ATTENTION_HEAD_DIMS}, got {head_dim}"
+        return f"the Triton {kernels} kernels support head dims {ATTENTION_HEAD_DIMS}, got {head_dim}"
     if dtype is not None and dtype not in ATTENTION_DTYPES:
-        return f"the Triton attention kernels support float16/bfloat16/float32, got {dtype}"
+        return f"the Triton {kernels} kernels support float16/bfloat16/float32, got {dtype}"
     return None
 
 
@@ -238,18 +241,21 @@ def _patch_embed_refusal(tensors, dtype: Optional[torch.dtype] = None) -> Option
 
 
 #: op -> why its kernels refuse a call (None: they take it), from the call's tensors and facts.
-_REFUSALS = {"rope_attention": _attention_refusal, "patch_embed": _patch_embed_refusal}
+_REFUSALS = {"rope_attention": _attention_refusal, "patch_embed": _patch_embed_refusal,
+             "qknorm_rope_attention": functools.partial(_attention_refusal, kernels="qk-norm attention")}
 
 
 def decide(op: Optional[str], *tensors: Optional[torch.Tensor], **facts) -> Decision:
     """Which backend runs ``op`` on these inputs, and why: the one place the rules are applied.
 
     Args:
-        op: ``"rope_attention"`` or ``"patch_embed"`` (:data:`OPS`); None applies the device rules only.
+        op: ``"rope_attention"``, ``"patch_embed"`` or ``"qknorm_rope_attention"`` (:data:`OPS`); None
+            applies the device rules only.
         tensors: the call's tensors (None entries skipped): their one device, and whether any carries
             a forward-mode AD tangent.
-        facts: what else the kernels depend on; a fact not given is not checked. ``rope_attention``:
-            ``dtype``, ``head_dim``, ``dropout_p``; ``patch_embed``: ``dtype`` (after autocast).
+        facts: what else the kernels depend on; a fact not given is not checked. ``rope_attention`` and
+            ``qknorm_rope_attention``: ``dtype``, ``head_dim``, ``dropout_p``; ``patch_embed``: ``dtype``
+            (after autocast).
 
     Returns:
         A :class:`Decision` ``(backend, reason, fallback)``. Without triton, where ``auto`` would run the

@@ -38,6 +38,7 @@ from .kernels.patch_embed_configs import DTYPES as PATCH_EMBED_DTYPES
 from .kernels.rope_attention_configs import DTYPES as ATTENTION_DTYPES
 from .kernels.rope_attention_configs import HEAD_DIMS
 from .ops.patch_embed import patch_embed
+from .ops.qknorm_rope_attention import qknorm_rope_attention
 from .ops.rope_attention import rope_attention
 from .testing import TOLERANCES, relative_error
 from .triton_available import triton_import_error
@@ -130,6 +131,8 @@ def _coverage_lines() -> List[str]:
         f"rope_attention kernels: head dims {'/'.join(map(str, HEAD_DIMS))}, {names(ATTENTION_DTYPES)}, no dropout; "
         "other calls run the torch path with a RuntimeWarning",
         f"patch_embed kernels: {names(PATCH_EMBED_DTYPES)}; other dtypes run the torch path",
+        f"qknorm_rope_attention kernels: as rope_attention's (head dims {'/'.join(map(str, HEAD_DIMS))}, "
+        f"{names(ATTENTION_DTYPES)}, no dropout)",
     ]
 
 
@@ -188,6 +191,33 @@ def _attention_checks(device: torch.device, dtype: torch.dtype) -> List[CheckRes
             CheckResult("rope_attention backward (dq, dk, dv)", dtype, _max_error(grads, ref_grads), tol.backward)]
 
 
+def _qknorm_attention_checks(device: torch.device, dtype: torch.dtype) -> List[CheckResult]:
+    """VGGT-style global attention: 2 frames of 5 special tokens + a 3x4 patch grid (34 tokens), the
+    positions given by the grid, forward and backward (q, k, v and the four LayerNorm parameters)."""
+    gen = torch.Generator().manual_seed(2)
+    grid, tokens, heads = (3, 4, 5), 34, 2
+    q, k, v, grad = (torch.randn(1, heads, tokens, HEAD_DIM, generator=gen).to(dtype) for _ in range(4))
+    norms = [torch.randn(HEAD_DIM, generator=gen) * 0.2 + centre for centre in (1.0, 0.0, 1.0, 0.0)]
+    names = ("q_norm_weight", "q_norm_bias", "k_norm_weight", "k_norm_bias")
+
+    leaves = [t.double().requires_grad_() for t in (q, k, v, *norms)]
+    with use_backend("torch"):
+        ref = qknorm_rope_attention(*leaves[:3], **dict(zip(names, leaves[3:])), grid=grid)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.double())
+
+    inputs = [t.to(device).requires_grad_() for t in (q, k, v, *norms)]
+
+    def run() -> Tuple[torch.Tensor, ...]:
+        out = qknorm_rope_attention(*inputs[:3], **dict(zip(names, inputs[3:])), grid=grid)
+        return (out, *torch.autograd.grad(out, inputs, grad.to(device)))
+
+    out, *grads = _on_triton(run)
+    tol = TOLERANCES[dtype]
+    return [CheckResult("qknorm_rope_attention forward", dtype, _max_error([out], [ref]), tol.forward),
+            CheckResult("qknorm_rope_attention backward (q, k, v, norms)", dtype, _max_error(grads, ref_grads),
+                        tol.backward)]
+
+
 def _patch_embed_checks(device: torch.device, dtype: torch.dtype, many_ar: bool) -> List[CheckResult]:
     """Two 32x48 images (ManyAR: the second one portrait, stored transposed), 64 channels, forward and backward."""
     gen = torch.Generator().manual_seed(1)
@@ -224,7 +254,8 @@ def kernel_checks(device: torch.device) -> Iterator[CheckResult]:
     """
     groups = [("rope_attention", lambda dt: _attention_checks(device, dt)),
               ("patch_embed", lambda dt: _patch_embed_checks(device, dt, many_ar=False)),
-              ("patch_embed ManyAR", lambda dt: _patch_embed_checks(device, dt, many_ar=True))]
+              ("patch_embed ManyAR", lambda dt: _patch_embed_checks(device, dt, many_ar=True)),
+              ("qknorm_rope_attention", lambda dt: _qknorm_attention_checks(device, dt))]
     for name, check in groups:
         for dtype in CHECK_DTYPES:
             try:
@@ -266,7 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "triton" in backends:
             kernel_devices.append(device)
         for op, (backend, why) in choices.items():
-            print(f"  {str(device):<8} {op:<15} {backend:<6} {why}")
+            print(f"  {str(device):<8} {op:<21} {backend:<6} {why}")
     for line in _coverage_lines():
         print(f"  {line}")
 

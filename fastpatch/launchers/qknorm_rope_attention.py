@@ -35,12 +35,12 @@ from ..kernels.rope_attention_bwd import rope_attention_bwd_dkdv_kernel, rope_at
 from ..reference_vggt import rope_inverse_frequencies
 from .device import launch_device
 from .grid import cdiv
+from .interpreter import INTERPRETED
 from .precision import matmul_dot_precision
 
-__all__ = ["INTERPRETED", "qknorm_rope_attention_forward", "qknorm_rope_attention_backward",
+__all__ = ["qknorm_rope_attention_forward", "qknorm_rope_attention_backward",
            "kernel_specializations"]
 
-INTERPRETED = type(qknorm_rope_attention_fwd_kernel).__name__ == "InterpretedFunction"
 
 _FREQUENCIES: Dict[Tuple[float, int, torch.device], torch.Tensor] = {}
 _PLACEHOLDERS: Dict[torch.device, torch.Tensor] = {}

@@ -2,7 +2,7 @@
 ``q' = RoPE2D(LayerNorm_q(q))`` and ``k' = RoPE2D(LayerNorm_k(k))`` (per-head LayerNorm over ``Dh``).
 
 This file validates the inputs (no host synchronisation), derives the positions and picks the
-implementation with :func:`fastpatch.backend.select_backend`:
+implementation with :func:`fastpatch.backend.decide`:
 
 * ``"triton"``: :mod:`fastpatch.ops.qknorm_rope_attention_triton` (CUDA, or CPU under the interpreter);
 * ``"torch"``: :mod:`fastpatch.ops.qknorm_rope_attention_torch` (head groups, SDPA).
@@ -20,17 +20,12 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ..backend import select_backend
-from ..kernels.qknorm_rope_attention_configs import HEAD_DIMS as TRITON_HEAD_DIMS  # a plain table: no triton
+from ..backend import decide
 from ..reference_vggt import NUMERICS, grid_positions
 from ..triton_available import imported_once
-from .forward_ad import carries_tangents
 from .qknorm_rope_attention_torch import qknorm_rope_attention_torch
 
 __all__ = ["TokenGrid", "qknorm_rope_attention"]
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 class TokenGrid(NamedTuple):
     """The aggregators' per-frame token layout: ``special`` tokens at (0, 0), then a ``height x width``
@@ -110,18 +105,6 @@ def _split_qkv(qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Ten
     return q, k, v
 
 
-def _triton_unsupported(q: torch.Tensor, dropout_p: float, tensors) -> Optional[str]:
-    if carries_tangents(*tensors):
-        return "the Triton qk-norm attention kernels have no forward-mode AD formula (dual tensors)"
-    if dropout_p > 0.0:
-        return "the Triton qk-norm attention kernels have no dropout (dropout_p > 0)"
-    if q.shape[-1] not in TRITON_HEAD_DIMS:
-        return f"the Triton qk-norm attention kernels support head dims {TRITON_HEAD_DIMS}, got {q.shape[-1]}"
-    if q.dtype not in TRITON_DTYPES:
-        return f"the Triton qk-norm attention kernels support float16/bfloat16/float32, got {q.dtype}"
-    return None
-
-
 def qknorm_rope_attention(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None, *,
                           q_norm_weight: Optional[torch.Tensor], q_norm_bias: Optional[torch.Tensor],
                           k_norm_weight: Optional[torch.Tensor], k_norm_bias: Optional[torch.Tensor],
@@ -193,13 +176,12 @@ def qknorm_rope_attention(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: 
         _check_positions(positions, batch, tokens)
     scale = head_dim ** -0.5 if scale is None else float(scale)
 
-    backend = select_backend(q, k, v, *weights, positions)
-    if backend == "triton":
-        reason = _triton_unsupported(q, dropout_p, (q, k, v, *weights))
-        if reason is not None:
-            warnings.warn(f"fastpatch: {reason}; this attention runs on the torch path", RuntimeWarning, stacklevel=2)
-            backend = "torch"
-    if backend == "torch":
+    decision = decide("qknorm_rope_attention", q, k, v, *weights, positions, dtype=q.dtype, head_dim=head_dim,
+                      dropout_p=dropout_p)
+    if decision.fallback:
+        warnings.warn(f"fastpatch: {decision.reason}; this attention runs on the torch path", RuntimeWarning,
+                      stacklevel=2)
+    if decision.backend == "torch":
         if positions is None:
             positions = grid_positions(tokens, grid.height, grid.width, grid.special, q.device).unsqueeze(0)
         return qknorm_rope_attention_torch(q, k, v, *weights, positions, float(rope_base), float(eps), scale,
