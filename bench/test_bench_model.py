@@ -1,6 +1,9 @@
 """Whole DUSt3R backbone: the ViT-L encoder (``encode`` of one image) and the full pair forward
-(encoder on both images + both decoder streams, no heads), ``DUSt3R_ViTLarge_BaseDecoder_512`` at
-512x384 with random weights, eager vs patched, under ``torch.inference_mode``.
+(encoder on both images + both decoder streams, no heads), ``DUSt3R_ViTLarge_BaseDecoder_512`` with
+random weights, eager vs patched, under ``torch.inference_mode``. Images: 512x384 on CUDA and in the
+full matrix (``FASTPATCH_BENCH_FULL=1``); 224x224 (196 tokens, the 224 models' size) in the CPU
+default, so that ``pytest bench/ --benchmark-only`` finishes in minutes on two cores (512x384 took
+~170 s for this file alone there).
 
 One model object serves every provider: ``eager`` runs it after :func:`fastpatch.unpatch_model`,
 ``torch_path`` (CUDA) and ``fastpatch`` after :func:`fastpatch.patch_model` (same parameters; the
@@ -9,7 +12,7 @@ the warm-up). float32 on CPU, batch 1; bfloat16 autocast on CUDA, batch 1 and 8.
 
 ``FASTPATCH_BENCH_COMPILE``: unset = compile the encoder on CUDA only (the pair takes minutes to
 compile); ``1`` = encoder and pair on any device; ``0`` = never. The CPU default is 3 rounds per
-provider (ViT-L at 512x384 is ~0.5 TFLOP per image).
+provider (ViT-L is ~0.5 TFLOP per 512x384 image, ~0.12 TFLOP per 224x224 image).
 """
 import functools
 import os
@@ -21,10 +24,10 @@ import fastpatch
 from fastpatch.reference import dust3r_backbone
 
 from . import flops
-from .cases import BACKENDS, DEVICE, EAGER, Case, Side, base_providers, make_step, measure
+from .cases import BACKENDS, DEVICE, EAGER, FULL, Case, Side, base_providers, make_step, measure
 
 CONFIG = "DUSt3R_ViTLarge_BaseDecoder_512"
-HEIGHT, WIDTH, PATCH = 384, 512, 16
+HEIGHT, WIDTH, PATCH = (384, 512, 16) if DEVICE == "cuda" or FULL else (224, 224, 16)
 TOKENS = (HEIGHT // PATCH) * (WIDTH // PATCH)
 COMPILED = "eager_compiled"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32

@@ -10,9 +10,10 @@ pairs, ``make_pairs`` order) and the ViT-L/Base linear-head DUSt3R model
 * ``fastpatch``: ``fastpatch.inference`` on the patched model (``upstream_loop`` runs before each
   round: the ratio and error isolate the engine, fastpatch modules on both sides).
 
-Sizes: CPU (fp32) 4 images / 12 pairs with ``batch_size=2`` and 8 images / 56 pairs with dust3r's
-default ``batch_size=8``, at 224x224 (``DUSt3R_ViTLarge_BaseDecoder_224_linear``), few rounds:
-an upstream loop over 56 pairs is ~19 TFLOP. CUDA: 16 images / 240 pairs at 384x512
+Sizes: CPU (fp32) at 224x224 (``DUSt3R_ViTLarge_BaseDecoder_224_linear``), few rounds: by default 3
+images / 6 pairs with ``batch_size=2``; the full matrix (``FASTPATCH_BENCH_FULL=1``) 4 images / 12 pairs
+with ``batch_size=2`` and 8 images / 56 pairs with dust3r's default ``batch_size=8`` (an upstream loop
+over 56 pairs is ~19 TFLOP, minutes on two cores). CUDA: 16 images / 240 pairs at 384x512
 (``..._512_linear``), ``batch_size=8``, float32 (TF32 off) and bfloat16 autocast.
 ``extra_info`` adds ``images``, ``pairs``, ``encodes`` (image encodes the provider runs: 2 per pair
 upstream, as no batch of this pair order is symmetrised; 1 per image for the engine) and
@@ -29,7 +30,7 @@ import fastpatch
 from fastpatch.reference_model import dust3r_model
 
 from . import flops
-from .cases import BACKENDS, DEVICE, EAGER, FASTPATCH, Case, Side, make_step, measure
+from .cases import BACKENDS, DEVICE, EAGER, FASTPATCH, FULL, Case, Side, make_step, measure
 from .pairs import complete_symmetrized_pairs, prediction_tensors, synthetic_scene, upstream_style_inference
 
 UPSTREAM_LOOP = "upstream_loop"
@@ -74,9 +75,11 @@ class Scene:
 if DEVICE == "cuda":
     SCENES = [Scene(16, 384, 512, 8, dtype, loop_rounds=3, engine_rounds=5, warmup_rounds=1)
               for dtype in (torch.float32, torch.bfloat16)]
-else:
+elif FULL:
     SCENES = [Scene(4, 224, 224, 2, torch.float32, loop_rounds=1, engine_rounds=3, warmup_rounds=0),
               Scene(8, 224, 224, 8, torch.float32, loop_rounds=1, engine_rounds=1, warmup_rounds=0)]
+else:  # the default: one small scene, so that the whole bench/ run stays within minutes on two cores
+    SCENES = [Scene(3, 224, 224, 2, torch.float32, loop_rounds=1, engine_rounds=2, warmup_rounds=0)]
 
 
 @functools.lru_cache(maxsize=1)
