@@ -16,13 +16,14 @@ on the fp32 accumulator before the result is written: ``"gelu"`` (exact erf GELU
 ``nn.GELU()`` default) or a binary ``"add"`` of a residual. The weight is passed in its ordinary
 ``(out, in)`` layout; nothing is prepacked or cached, so this op holds no memory of its own.
 
-:func:`linear` runs that op only for an inference call it can run exactly (:func:`onednn_usable`):
-CPU, float32 everywhere, oneDNN built in and enabled (``torch.backends.mkldnn.enabled``), nothing
-recording the call (autograd with an input requiring grad, ``torch.compile`` tracing, jit tracing,
-dispatch/function modes, functorch transforms, forward-mode tangents), plain ``torch.Tensor``
-inputs. Every other call runs the plain torch ops, which is also the autograd path. Both compute
-``act(x @ weight.T + bias) + residual`` in float32; the results differ by float32 round-off only
-(another summation order inside the GEMM, one rounding instead of two for the fused add).
+:func:`linear` runs that op only for an inference call it can run exactly (:func:`onednn_usable`): CPU,
+float32 everywhere, no CPU autocast (``F.linear`` would compute in its dtype), oneDNN built in and
+enabled (``torch.backends.mkldnn.enabled``), nothing recording the call (autograd with an input
+requiring grad, ``torch.compile`` tracing, jit tracing, dispatch/function modes, functorch transforms,
+forward-mode tangents), plain ``torch.Tensor`` inputs. Every other call runs the plain torch ops, which
+is also the autograd path. Both compute ``act(x @ weight.T + bias) + residual`` in float32; the results
+differ by float32 round-off only (another summation order inside the GEMM, one rounding instead of two
+for the fused add).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def onednn_usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         return False
     if not launch_directly(x, residual) or carries_tangents(x, weight, bias, residual):
         return False  # x / residual: recorded, traced, in a mode or transform, or a tensor subclass
+    if torch.is_autocast_enabled("cpu"):
+        return False  # F.linear computes in the autocast dtype there; the fp32 GEMM would not
     grad = torch.is_grad_enabled()
     for parameter in (weight, bias):  # nn.Parameter is fine here (launch_directly wants plain tensors)
         if parameter is not None and (type(parameter) not in _PARAMETER_TYPES or (grad and parameter.requires_grad)):
