@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from .. import reference_vggt
+from ..ops.linear_onednn import linear
 from ..ops.qknorm_rope_attention import qknorm_rope_attention
+from .attention import project
+from .plain_children import inactive_dropout, is_plain, plain_identity, plain_linear, plain_mlp
 
 __all__ = ["VGGTAttention", "FlashAttentionRope", "VGGTBlock", "BlockRope", "rope_base_of", "fusable"]
 
@@ -46,12 +49,13 @@ def fusable(module: nn.Module) -> bool:
         and tuple(n.normalized_shape) == (head_dim,) for n in (q_norm, k_norm)))
 
 
-def _attend(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], storage: bool) -> torch.Tensor:
+def _attention_heads(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], storage: bool) -> torch.Tensor:
+    """The attention of ``x`` (B, N, C) before ``proj``: heads merged, (B, N, C) (a view of token-major memory)."""
     batch, tokens, channels = x.shape
     if pos is None:
         raise ValueError("this attention applies RoPE2D: pass positions (B, N, 2)")
     heads = module.num_heads
-    qkv = module.qkv(x).unflatten(-1, (3, heads, channels // heads))
+    qkv = project(module.qkv, x).unflatten(-1, (3, heads, channels // heads))
     q_norm, k_norm = module.q_norm, module.k_norm
     if not storage:  # VGGT: the LN output dtype decides (fp32 under autocast or with fp32 weights)
         storage = (not torch.is_autocast_enabled(x.device.type)) and q_norm.weight.dtype == qkv.dtype
@@ -61,7 +65,11 @@ def _attend(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], sto
                                 k_norm_weight=k_norm.weight, k_norm_bias=k_norm.bias, positions=pos,
                                 rope_base=rope_base_of(module.rope), eps=q_norm.eps, scale=scale,
                                 numerics="storage" if storage else "float32", dropout_p=dropout)
-    return module.proj_drop(module.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
+    return out.transpose(1, 2).reshape(batch, tokens, channels)
+
+
+def _attend(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], storage: bool) -> torch.Tensor:
+    return module.proj_drop(module.proj(_attention_heads(module, x, pos, storage)))
 
 
 class VGGTAttention(reference_vggt.VGGTAttention):
@@ -75,6 +83,10 @@ class VGGTAttention(reference_vggt.VGGTAttention):
             return super().forward(x, pos)
         return _attend(self, x, pos, storage=False)
 
+    def heads(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` before ``proj``: ``(B, N, C)``, for a :func:`fusable` module."""
+        return _attention_heads(self, x, pos, storage=False)
+
 
 class FlashAttentionRope(reference_vggt.Pi3Attention):
     """π3's attention, fused: ``forward(x (B, N, C), attn_bias=None, xpos (B, N, 2) or None) -> (B, N, C)``."""
@@ -85,18 +97,59 @@ class FlashAttentionRope(reference_vggt.Pi3Attention):
             return super().forward(x, attn_bias, xpos)
         return _attend(self, x, xpos, storage=True)
 
+    def heads(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` (no ``attn_bias``) before ``proj``: ``(B, N, C)``, for a :func:`fusable` module."""
+        return _attention_heads(self, x, pos, storage=True)
+
+
+def _plain_layer_scale(module: nn.Module) -> bool:
+    """A plain ``nn.Identity``, or exactly :class:`fastpatch.reference_vggt.LayerScale` (not in place)."""
+    return plain_identity(module) or (is_plain(module, reference_vggt.LayerScale) and not module.inplace)
+
+
+def _scaled_residual(layer: nn.Module, x: torch.Tensor, layer_scale: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + layer_scale(layer(x))`` for a :func:`_plain_layer_scale`: the add fused into the GEMM
+    without LayerScale, else one ``addcmul`` pass (``x * gamma`` then the add, in one op)."""
+    if plain_identity(layer_scale):
+        return project(layer, x, residual=residual)
+    return torch.addcmul(residual, project(layer, x), layer_scale.gamma)
+
 
 class VGGTBlock(reference_vggt.VGGTBlock):
     """VGGT's block with fused attention: ``forward(x (B, N, C), pos (B, N, 2) or None) -> (B, N, C)``.
 
     Keys: ``norm1``, ``attn.{qkv,q_norm,k_norm,proj}``, ``ls1.gamma``, ``norm2``, ``mlp.{fc1,fc2}``, ``ls2.gamma``.
+
+    When every child is exactly what the block's forward assumes (:meth:`fusable`), the forward reads
+    their parameters: the qkv projection and the MLP through :func:`fastpatch.ops.linear_onednn.linear`
+    (GELU in the fc1 GEMM on CPU), each LayerScale and residual add in one ``addcmul``. Otherwise, and
+    under ``torch.compile``, the children are called as modules.
     """
 
     attn_class = VGGTAttention
 
+    def fusable(self) -> bool:
+        """Children exactly as built: this block's attention class (qk-norm + RoPE, plain ``proj``, inactive
+        ``proj_drop``), plain LayerScales or identities, identity drop paths, a plain GELU MLP."""
+        attn = self.attn
+        return (plain_identity(self.drop_path1) and plain_identity(self.drop_path2)
+                and is_plain(attn, self.attn_class) and fusable(attn) and plain_linear(attn.proj)
+                and inactive_dropout(attn.proj_drop) and _plain_layer_scale(self.ls1)
+                and _plain_layer_scale(self.ls2) and plain_mlp(self.mlp))
 
-class BlockRope(reference_vggt.Pi3Block):
-    """π3's block with fused attention: ``forward(x (B, N, C), xpos (B, N, 2) or None) -> (B, N, C)``; keys as
-    :class:`VGGTBlock`."""
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.compiler.is_compiling() or pos is None or not self.fusable():
+            return super().forward(x, pos)
+        x = _scaled_residual(self.attn.proj, self.attn.heads(self.norm1(x), pos), self.ls1, x)
+        hidden = linear(self.norm2(x), self.mlp.fc1.weight, self.mlp.fc1.bias, activation="gelu")
+        return _scaled_residual(self.mlp.fc2, hidden, self.ls2, x)
+
+
+class BlockRope(reference_vggt.Pi3Block, VGGTBlock):
+    """π3's block with fused attention: ``forward(x (B, N, C), xpos (B, N, 2) or None) -> (B, N, C)``; keys
+    and fusion as :class:`VGGTBlock`."""
 
     attn_class = FlashAttentionRope
+
+    def forward(self, x: torch.Tensor, xpos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return VGGTBlock.forward(self, x, xpos)
