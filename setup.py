@@ -4,7 +4,7 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository a
 installed as ``fastpatch.kernels``; nothing named ``kernels`` lands at the top level of
 site-packages (that name belongs to the Hugging Face ``kernels`` package). The development
 tooling in ``fastpatch_dev/`` (AOT compile helpers of the tests and benchmarks) is not packaged:
-``tests/test_packaging.py`` checks the wheel for it.
+``tests/package/test_packaging.py`` checks the wheel for it.
 """
 from setuptools import setup
 

@@ -93,8 +93,8 @@ TARGETS = [
 
 # The CUDA tests that prove "no host sync" for the patch embedding: sync debug mode "error" on the
 # patch_embed op (forward + backward) and on a patched model with PatchEmbedDust3R / ManyAR_PatchEmbed.
-NO_HOST_SYNC_TESTS = ("tests/test_patch_embed_devices.py::test_no_device_synchronisation",
-                      "tests/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync")
+NO_HOST_SYNC_TESTS = ("tests/ops/test_patch_embed_devices.py::test_no_device_synchronisation",
+                      "tests/ops/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync")
 
 
 @dataclass

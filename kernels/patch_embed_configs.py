@@ -11,7 +11,7 @@ it must move, just over an H100's ridge point (~270 for bf16): mildly compute-bo
 microseconds either way (bench/GPU_NOTES.md). fp32 keeps smaller tiles (its products run on IEEE
 FMA, or on TF32 tensor cores when cuDNN's TF32 switch is on). Not timed on a GPU yet.
 
-The rows by class (every one AOT-compiled for its class by ``tests/test_patch_embed_compile.py``;
+The rows by class (every one AOT-compiled for its class by ``tests/aot/test_patch_embed_aot.py``;
 ``docs/gpu-classes.md``):
 
 * ``80`` (A100), ``86`` (RTX 30xx/40xx) and ``120`` (RTX 50xx): :data:`_MMA_SYNC_TILES`, 32-deep

@@ -16,7 +16,7 @@ registers and shared memory too, so its entries take the half-precision tile sha
 within 99 KB. These TF32 tiles were chosen from the shared memory of the AOT compiles, not tuned on
 a GPU.
 
-The rows by class (every one AOT-compiled for its class by ``tests/test_rope_attention_compile.py``;
+The rows by class (every one AOT-compiled for its class by ``tests/aot/test_rope_attention_aot.py``;
 ``docs/gpu-classes.md``):
 
 * ``80`` (A100, 163 KB) and ``90`` (Hopper, 227 KB): one set of tiles, :data:`_DATACENTER`, all under

@@ -13,5 +13,6 @@ export FASTPATCH_COMPILE_CASES="${FASTPATCH_COMPILE_CASES:-d64-fp16-sm(80|86|90)
 python -c "import torch, triton; print(f'oldest-triton run: triton {triton.__version__}, torch {torch.__version__}')"
 # pytest exits 5 when it collected no test: with `set -e` that fails this script.
 python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-    tests/test_compat.py tests/test_patch_embed.py tests/test_rope_attention_kernels.py \
-    tests/test_rope_attention_compile.py tests/test_patch_embed_compile.py "$@"
+    tests/package/test_triton_versions.py \
+    tests/kernels/test_patch_embed_kernels.py tests/kernels/test_rope_attention_kernels.py \
+    tests/aot/test_rope_attention_aot.py tests/aot/test_patch_embed_aot.py "$@"

@@ -16,6 +16,15 @@ Compiled mode (``FASTPATCH_TEST_COMPILED=1``, on a CUDA machine; see bench/gpu_r
     :data:`cpu_ci_only` and skip too, to keep the GPU run inside its time budget. Nothing forces
     Triton on CPU in this mode: that would raise RuntimeError.
 
+* Layout: one folder per area -- ``kernels/`` (Triton kernels and launchers against float64
+  references, their config tables), ``aot/`` (Triton ahead-of-time compiles for the GPU classes),
+  ``ops/`` (the public ops: backend choice, torch paths, torch.compile, CUDA graphs, torch features),
+  ``modules/`` (modules and reference against upstream), ``patching/`` (patch_model), ``engine/``
+  (fastpatch.inference), ``bench_tooling/`` (bench/'s sweeps, report, targets, pairs), ``package/``
+  (wheel, self-check, triton versions, triton import). This file and the helper modules (``modes``,
+  ``upstream``, ``variants``, ``vggt_standins``) stay in ``tests/``, which pytest puts on ``sys.path``
+  (this conftest, prepend import mode), so test files import them by name. No ``__init__.py``: test
+  file basenames must be unique across the folders.
 * ``tests/modes.py`` holds :data:`COMPILED` (the one place the mode is read), the markers and
   :func:`device_for`; test files import them from there. It has no side effects, so scripts such as
   the AOT compile subprocesses can import it without switching the interpreter on.

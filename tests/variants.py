@@ -6,7 +6,7 @@ Every class here is written from ``shared/spec/dust3r-vit.md`` (never from upstr
 descriptive name used here. None of them is a known upstream version, so ``patch_model`` can only
 accept one by running it against fastpatch's replacement (the probe).
 
-Two families (see tests/test_patching_variants.py):
+Two families (see tests/patching/test_patching_variants.py):
 
 * **harmless** variants compute the spec's function in another form (SDPA instead of an explicit
   softmax, an offset cos/sin table, a different ``_init_weights``, an extra ``.contiguous()``,

@@ -14,7 +14,7 @@ from bench.pairs import (PREDICTION_KEYS, complete_symmetrized_pairs, prediction
                          synthetic_scene, upstream_style_inference)
 from upstream import perturb_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(img_size=(32, 48), patch_size=8, enc_embed_dim=64, enc_depth=1, enc_num_heads=2, dec_embed_dim=32,
             dec_depth=2, dec_num_heads=2, pos_embed="RoPE100")
 

@@ -165,11 +165,11 @@ def test_no_host_sync_line_reads_tests_xml(tmp_path, results, status):
     row = _line(lines, "patch embedding: no host sync")
     assert row[-1] == status
     if results is None:
-        assert row[3] == ("see `tests/test_patch_embed_devices.py::test_no_device_synchronisation`, "
-                          "`tests/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync`")
+        assert row[3] == ("see `tests/ops/test_patch_embed_devices.py::test_no_device_synchronisation`, "
+                          "`tests/ops/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync`")
     elif status == "met":
-        assert row[3] == ("`tests/test_patch_embed_devices.py::test_no_device_synchronisation`: 2 passed; "
-                          "`tests/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync`: 1 passed")
+        assert row[3] == ("`tests/ops/test_patch_embed_devices.py::test_no_device_synchronisation`: 2 passed; "
+                          "`tests/ops/test_cuda_sync.py::test_patched_forward_and_backward_do_not_sync`: 1 passed")
     assert _line(lines, "patch embedding, 512x384, batch 8, bf16")[-1] == "met"  # 10x
 
 

@@ -1,7 +1,7 @@
 """On CUDA, a patched model's forward and backward make no device-to-host synchronisation.
 
 ``torch.cuda.set_sync_debug_mode("error")`` turns every synchronising CUDA call into an error, so this
-checks the real kernels and launchers (on CPU the dispatch-mode spy of ``test_compile.py`` covers the
+checks the real kernels and launchers (on CPU the dispatch-mode spy of ``test_torch_compile.py`` covers the
 torch path and the Triton path by construction). Runs only in compiled mode (FASTPATCH_TEST_COMPILED=1,
 see conftest.py): in the normal mode the interpreter would run CUDA tensors through host copies.
 """

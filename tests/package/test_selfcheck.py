@@ -17,7 +17,7 @@ import torch
 import fastpatch.selfcheck as selfcheck
 from fastpatch.backend import refresh_environment, requested_backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KERNEL_CHECKS = ["rope_attention forward", "rope_attention backward", "patch_embed forward", "patch_embed backward",
                  "patch_embed ManyAR forward", "patch_embed ManyAR backward"]
 RESULT_LINE = re.compile(r"^  (.+?)\s+(float16|bfloat16|float32)\s+max rel err\s+(\S+) \(tol (\S+)\)  (PASS|FAIL)")

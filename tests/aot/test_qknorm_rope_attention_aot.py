@@ -18,7 +18,9 @@ import sys
 import pytest
 import torch
 
-from modes import cpu_ci_only
+if __name__ == "__main__":  # run as a script (the compile subprocesses): modes.py is in tests/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modes import cpu_ci_only  # noqa: E402
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -109,7 +111,7 @@ def _compile_all() -> dict:
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -1,7 +1,7 @@
 """fp32 patch embedding on CUDA follows torch's cuDNN TF32 switch, as the conv2d it replaces does:
 switch on, the kernels run TF32 (within the TF32 bound, and visibly less exact than IEEE fp32);
 switch off, IEEE fp32 (within the fp32 bound). Compiled mode only: the interpreter computes fp32
-products exactly whatever precision it is asked for (tests/test_patch_embed_launch.py checks on CPU
+products exactly whatever precision it is asked for (tests/kernels/test_patch_embed_launch.py checks on CPU
 that the launches ask for the right one)."""
 import pytest
 import torch

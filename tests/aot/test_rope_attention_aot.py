@@ -24,6 +24,7 @@ at head dim 64 in fp16/bf16 (where no spill is allowed), in-loop RoPE (the large
 elsewhere.
 """
 import functools
+import os
 import sys
 
 import pytest
@@ -46,7 +47,9 @@ from fastpatch_dev.aot import (
     selected_compile_cases,
 )
 from fastpatch_dev.compat import LaunchSpecialization
-from modes import cpu_ci_only
+if __name__ == "__main__":  # run as a script (the compile subprocesses): modes.py is in tests/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modes import cpu_ci_only  # noqa: E402
 
 TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DUST3R_HEAD_DIM = 64

@@ -2,7 +2,7 @@
 
 What could break a capture, and what guards it:
 
-* host reads of device values (``.item()``, ``nonzero``): none in forward (``test_compile.py``'s
+* host reads of device values (``.item()``, ``nonzero``): none in forward (``test_torch_compile.py``'s
   dispatch spy, ``test_cuda_sync.py``);
 * host-to-device copies: a capture would replay them from host memory that is gone by then.
   The backbone's default ``true_shape`` is filled on the device; a ManyAR ``true_shape`` on the CPU

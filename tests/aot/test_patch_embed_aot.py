@@ -17,6 +17,7 @@
   compiled kernels on CUDA).
 """
 import functools
+import os
 import sys
 
 import pytest
@@ -41,7 +42,9 @@ from fastpatch_dev.aot import (
     recorded_launches,
     selected_compile_cases,
 )
-from modes import cpu_ci_only
+if __name__ == "__main__":  # run as a script (the compile subprocesses): modes.py is in tests/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modes import cpu_ci_only  # noqa: E402
 
 KERNELS = [patch_embed_fwd_kernel, patch_embed_grad_weight_kernel, patch_embed_grad_image_kernel]
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

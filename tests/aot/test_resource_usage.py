@@ -6,6 +6,7 @@ thread, over the 255-register limit) next to the same kernel on a 16x16 tile (8 
 Compiled for sm_80 in a subprocess without the interpreter (as the other compile tests).
 """
 import functools
+import os
 import sys
 
 import torch
@@ -19,7 +20,9 @@ from fastpatch_dev.aot import (
     print_compile_results,
     resource_usage,
 )
-from modes import cpu_ci_only
+if __name__ == "__main__":  # run as a script (the compile subprocesses): modes.py is in tests/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from modes import cpu_ci_only  # noqa: E402
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from fastpatch.kernels.gpu_classes import CAPABILITY_CLASSES, GPU_CLASSES, INTER
 from fastpatch.kernels.patch_embed_configs import PATCH_EMBED_CONFIGS, patch_embed_config
 from fastpatch.kernels.rope_attention_configs import ROPE_ATTENTION_CONFIGS, rope_attention_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("capability, expected", [

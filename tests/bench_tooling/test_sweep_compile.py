@@ -10,7 +10,7 @@ import pytest
 from bench import sweep_compile
 from modes import cpu_ci_only
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_resident_programs_follow_registers_shared_memory_and_warps():

@@ -1,14 +1,21 @@
-"""fastpatch where torch has no triton (Windows, macOS, some conda builds).
+"""Triton is imported lazily: on the ops' first Triton use, once, and never where it is missing.
 
-Each scenario runs in a fresh subprocess whose first act is to hide triton: a meta-path finder
-makes ``import triton`` raise ``ModuleNotFoundError`` as it does where triton is not installed. No GPU
-is needed: CUDA tensors are stood in for by ``FakeTensorMode`` tensors on ``cuda`` (shapes, dtypes and
-devices without data or a GPU), which go through the same validation and backend choice.
+The Triton ops are imported on their first use, once, by :func:`fastpatch.triton_available.imported_once`.
+The patch embedding's Triton op is imported on first Triton use, once: ``import fastpatch`` and the torch
+path work without triton installed, and later calls import nothing (for the RoPE attention op, "a later
+call imports nothing" is checked in tests/kernels/test_rope_attention_kernels.py).
+
+fastpatch where torch has no triton (Windows, macOS, some conda builds): each scenario runs in a fresh
+subprocess whose first act is to hide triton: a meta-path finder makes ``import triton`` raise
+``ModuleNotFoundError`` as it does where triton is not installed. No GPU is needed: CUDA tensors are
+stood in for by ``FakeTensorMode`` tensors on ``cuda`` (shapes, dtypes and devices without data or a
+GPU), which go through the same validation and backend choice.
 
 Expected: ``import fastpatch`` works and never imports triton; CPU (and MPS, meta) tensors run the torch
 path silently; tensors the kernels would take (CUDA, or CPU under ``TRITON_INTERPRET=1``) run the torch
 path with one ``RuntimeWarning`` per process saying why; forcing ``triton`` raises ``RuntimeError``.
 """
+import builtins
 import os
 import subprocess
 import sys
@@ -19,10 +26,123 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastpatch
 import fastpatch.triton_available as triton_available
 from fastpatch.backend import select_backend, use_backend
+from fastpatch.ops import patch_embed as ops
+from fastpatch.ops import patch_embed_triton
+from fastpatch.triton_available import imported_once
+from modes import interpreter_only
 
-ROOT = Path(__file__).resolve().parents[1]
+
+# --- imported_once: the ops' first use imports them, once ----------------------------------------
+
+
+def test_imported_once_loads_on_the_first_call_only():
+    loads = []
+
+    @imported_once
+    def op():
+        loads.append(1)
+        return object()
+
+    assert loads == []  # decorating imports nothing
+    first = op()
+    assert op() is first and op() is first and loads == [1]
+
+
+def test_imported_once_retries_after_a_failed_load():
+    loads = []
+
+    @imported_once
+    def op():
+        loads.append(1)
+        if len(loads) == 1:
+            raise ImportError("first try fails")
+        return "op"
+
+    with pytest.raises(ImportError, match="first try fails"):
+        op()
+    assert op() == "op" and op() == "op" and loads == [1, 1]
+
+
+_FIRST_CALL_COMPILED = r"""
+import torch
+import fastpatch
+
+img, weight, bias = torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8), torch.randn(8)
+q, pos = torch.randn(1, 1, 4, 32), torch.zeros(1, 4, 2, dtype=torch.int64)
+
+
+def step(img, weight, bias, q, pos):
+    tokens, _ = fastpatch.patch_embed(img, weight, bias, 8)
+    return tokens.sum() + fastpatch.rope_attention(q, q, q, pos).sum()
+
+
+with fastpatch.use_backend("triton"):
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(img, weight, bias, q, pos)
+    eager = step(img, weight, bias, q, pos)
+torch.testing.assert_close(compiled, eager)
+print("ok")
+"""
+
+
+@interpreter_only
+def test_first_triton_call_inside_torch_compile_fullgraph():
+    """In a fresh process the ops' first call is traced: their import is traced too, with no graph break."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTPATCH_BACKEND"}
+    env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# --- the patch embedding's Triton op: imported on first Triton use, once -------------------------
+
+
+_WITHOUT_TRITON = r"""
+import sys
+sys.modules["triton"] = None  # what an environment without triton looks like to `import triton`
+import torch
+import fastpatch
+
+img = torch.randn(2, 3, 16, 32)
+module = fastpatch.ManyAR_PatchEmbed((16, 32), 8, 3, 8)
+tokens, pos = module(img, torch.tensor([[16, 32], [32, 16]]))
+assert tokens.shape == (2, 8, 8) and pos.shape == (2, 8, 2)
+tokens, pos = fastpatch.PatchEmbedDust3R((16, 32), 8, 3, 8)(img)
+assert tokens.shape == (2, 8, 8)
+print("ok")
+"""
+
+
+def test_import_and_torch_path_work_without_triton():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTPATCH_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_triton_op_is_resolved_once(monkeypatch, device):
+    """After the first Triton call the op is cached in the module: a later call imports none of
+    fastpatch's modules (triton's own launch machinery may import its internals)."""
+    args = (torch.randn(1, 3, 8, 8).to(device), torch.randn(4, 3, 8, 8).to(device), torch.randn(4).to(device), 8)
+    with fastpatch.use_backend("triton"):
+        fastpatch.patch_embed(*args)
+        assert ops._triton_op() is patch_embed_triton.patch_embed_triton
+        imports = []
+        real_import = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__", lambda name, *rest, **kw: imports.append(name) or
+                            real_import(name, *rest, **kw))
+        fastpatch.patch_embed(*args)
+        monkeypatch.undo()
+    assert [name for name in imports if "patch_embed" in name or name.startswith("fastpatch")] == []
+
+
+# --- fastpatch where torch has no triton ---------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HIDE_TRITON = '''
 import sys
