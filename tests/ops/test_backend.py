@@ -126,6 +126,9 @@ def test_decide_gives_the_backend_and_why_for_each_op(device):
     ("rope_attention", dict(head_dim=48), r"head dims \(32, 64, 128\), got 48"),
     ("rope_attention", dict(dtype=torch.float64), "float16/bfloat16/float32, got torch.float64"),
     ("patch_embed", dict(dtype=torch.float64), "float32/float16/bfloat16, got torch.float64"),
+    ("qknorm_rope_attention", dict(dropout_p=0.1), "qk-norm attention kernels have no dropout"),
+    ("qknorm_rope_attention", dict(head_dim=48), r"qk-norm .*head dims \(32, 64, 128\), got 48"),
+    ("qknorm_rope_attention", dict(dtype=torch.float64), "float16/bfloat16/float32, got torch.float64"),
 ])
 def test_decide_falls_back_where_the_kernels_refuse_the_inputs(device, op, facts, reason):
     decision = backend.decide(op, torch.zeros(1, device=device), **facts)

@@ -19,7 +19,9 @@ from fastpatch.backend import refresh_environment, requested_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_CHECKS = ["rope_attention forward", "rope_attention backward", "patch_embed forward", "patch_embed backward",
-                 "patch_embed ManyAR forward", "patch_embed ManyAR backward"]
+                 "patch_embed ManyAR forward", "patch_embed ManyAR backward", "qknorm_rope_attention forward",
+                 "qknorm_rope_attention backward"]
+KERNEL_GROUPS = ("rope_attention", "patch_embed", "patch_embed ManyAR", "qknorm_rope_attention")
 RESULT_LINE = re.compile(r"^  (.+?)\s+(float16|bfloat16|float32)\s+max rel err\s+(\S+) \(tol (\S+)\)  (PASS|FAIL)")
 
 
@@ -43,10 +45,10 @@ def test_python_m_fastpatch_on_cpu_prints_versions_backends_and_exits_0():
     for fact in (f"torch {torch.__version__}", f"triton {triton.__version__}", "fastpatch 0.1.0", "TRITON_INTERPRET",
                  "devices:\n  cpu\n"):
         assert fact in out, (fact, out)
-    for op in ("rope_attention", "patch_embed"):
+    for op in ("rope_attention", "patch_embed", "qknorm_rope_attention"):
         assert re.search(rf"^  cpu +{op} +torch +CPU tensors run the torch path", out, re.M), out
     if torch.cuda.is_available():  # a GPU machine: every kernel checked on CUDA
-        assert len(_results(out)) == 18 and all(r[-1] == "PASS" for r in _results(out)), out
+        assert len(_results(out)) == 24 and all(r[-1] == "PASS" for r in _results(out)), out
     else:
         assert "kernel checks: none" in out and _results(out) == []
     assert out.rstrip().endswith("result: PASS")
@@ -95,7 +97,7 @@ def test_every_kernel_passes_where_the_kernels_run(device, capsys):
     out = capsys.readouterr().out
     results = _kernel_results(out, device)
     assert [(name.split(" (")[0], dtype) for name, dtype, *_ in results] == [
-        (name, dtype) for group in ("rope_attention", "patch_embed", "patch_embed ManyAR")
+        (name, dtype) for group in KERNEL_GROUPS
         for dtype in ("float16", "bfloat16", "float32")
         for name in KERNEL_CHECKS if name.rsplit(" ", 1)[0] == group]
     assert all(verdict == "PASS" for *_, verdict in results), out
@@ -112,15 +114,23 @@ def test_wrong_numbers_or_a_raising_kernel_exit_1(device, monkeypatch, capsys):
             raise RuntimeError("kernel exploded")
         return real_patch_embed(*args, **kwargs)
 
+    def qknorm_forward_nan(*args, **kwargs):  # gradients right, the forward output NaN where the kernels run
+        out = real_qknorm(*args, **kwargs)
+        return out + (out.detach() * float("nan")) if requested_backend() == "triton" else out
+
     real_attention, real_patch_embed = selfcheck.rope_attention, selfcheck.patch_embed
+    real_qknorm = selfcheck.qknorm_rope_attention
     monkeypatch.setattr(selfcheck, "rope_attention", off_by_one_percent)
     monkeypatch.setattr(selfcheck, "patch_embed", raising_for_many_ar)
+    monkeypatch.setattr(selfcheck, "qknorm_rope_attention", qknorm_forward_nan)
     monkeypatch.setattr(selfcheck, "CHECK_DTYPES", (torch.float32,))  # one dtype keeps the interpreter run short
     assert selfcheck.main([]) == 1
     out = capsys.readouterr().out
     verdicts = {name: verdict for name, _, _, _, verdict in _kernel_results(out, device)}
     assert verdicts == {"rope_attention forward": "FAIL", "rope_attention backward (dq, dk, dv)": "FAIL",
                         "patch_embed forward": "PASS", "patch_embed backward (img, weight, bias)": "PASS",
-                        "patch_embed ManyAR forward + backward": "FAIL"}, out
+                        "patch_embed ManyAR forward + backward": "FAIL",
+                        "qknorm_rope_attention forward": "FAIL",
+                        "qknorm_rope_attention backward (q, k, v, norms)": "PASS"}, out
     assert "raised RuntimeError: kernel exploded" in out
-    assert out.rstrip().endswith("result: FAIL (3 failed)")
+    assert out.rstrip().endswith("result: FAIL (4 failed)")
