@@ -14,6 +14,7 @@ from torch import nn
 
 import fastpatch
 from fastpatch import reference
+from fastpatch import reference_vggt
 from fastpatch.modules import plain_children
 from fastpatch.ops import linear_onednn
 from fastpatch.ops.linear_onednn import linear, onednn_usable
@@ -97,6 +98,19 @@ def test_other_calls_run_the_plain_torch_ops(onednn_calls):
     assert onednn_calls == []
     with pytest.raises(ValueError, match="activation"):
         linear(x, weight, b, activation="relu")
+
+
+def test_cpu_autocast_runs_the_plain_path(onednn_calls):
+    """Under CPU autocast nn.Linear computes (and returns) the autocast dtype: so does linear()."""
+    x, weight, b, r = _operands((3, 5), 32, 16, residual=True)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_usable(x, weight, b)
+        for activation, residual in ((None, None), ("gelu", None), (None, r)):
+            out = linear(x, weight, b, activation=activation, residual=residual)
+            expected = _expected(x, weight, b, activation, residual)
+            assert out.dtype == expected.dtype == (torch.float32 if residual is not None else torch.bfloat16)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert onednn_calls == []
 
 
 def test_autograd_runs_the_plain_path_with_upstreams_gradients(onednn_calls):
@@ -250,3 +264,107 @@ def test_fused_blocks_compile_without_graph_breaks():
         explanation = torch._dynamo.explain(module)(*args)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# VGGT / pi3 LayerScale blocks (fastpatch.VGGTBlock, fastpatch.BlockRope)
+
+VGGT_BLOCKS = [(reference_vggt.VGGTBlock, fastpatch.VGGTBlock), (reference_vggt.Pi3Block, fastpatch.BlockRope)]
+
+
+def _vggt_pair(eager_cls, fast_cls, init_values, dim=128, heads=2):
+    torch.manual_seed(0)
+    eager = eager_cls(dim, heads, qk_norm=True, init_values=init_values,
+                      rope=reference_vggt.RotaryPositionEmbedding2D()).eval()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fast = fast_cls(dim, heads, qk_norm=True, init_values=init_values,
+                    rope=reference_vggt.RotaryPositionEmbedding2D()).eval()
+    fast.load_state_dict(eager.state_dict())
+    return eager, fast
+
+
+def _vggt_inputs(dim=128, dtype=torch.float32):
+    torch.manual_seed(1)
+    frames, height, width, special = 2, 3, 4, 5
+    pos = reference_vggt.vggt_positions(2, frames, height, width, special, "cpu")
+    return torch.randn(2, frames * (special + height * width), dim, dtype=dtype), pos
+
+
+@needs_onednn
+@pytest.mark.parametrize("init_values", [0.01, None])
+@pytest.mark.parametrize("eager_cls, fast_cls", VGGT_BLOCKS)
+def test_vggt_blocks_fuse_their_gemms(onednn_calls, eager_cls, fast_cls, init_values):
+    """qkv, proj, fc1 + GELU, fc2 on oneDNN; the residual in the GEMM without LayerScale, else one addcmul."""
+    eager, fast = _vggt_pair(eager_cls, fast_cls, init_values)
+    x, pos = _vggt_inputs()
+    assert fast.fusable()
+    with torch.inference_mode():
+        out, expected = fast(x, pos), eager(x, pos)
+    residual = init_values is None
+    assert onednn_calls == [(None, False), (None, residual), ("gelu", False), (None, residual)]
+    oracle = copy.deepcopy(eager).double()(x.double(), pos)
+    assert relative_error(out.double(), oracle) <= max(4 * relative_error(expected.double(), oracle), 1e-6)
+
+
+@pytest.mark.parametrize("eager_cls, fast_cls", VGGT_BLOCKS)
+def test_vggt_blocks_train_like_the_eager_ones(onednn_calls, eager_cls, fast_cls):
+    eager, fast = _vggt_pair(eager_cls, fast_cls, 0.01)
+    eager, fast = eager.double().train(), fast.double().train()
+    x, pos = _vggt_inputs(dtype=torch.float64)
+    with fastpatch.use_backend("torch"):  # float64: no Triton kernel
+        out, expected = fast(x, pos), eager(x, pos)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(fast.parameters()), grad)
+    want = torch.autograd.grad(expected, list(eager.parameters()), grad)
+    torch.testing.assert_close(out, expected)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert onednn_calls == []
+
+
+def _in_place_layer_scale(block):
+    block.ls1.inplace = True
+
+
+def _layer_scale_subclass(block):
+    class Doubled(reference_vggt.LayerScale):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    scale = Doubled(128)
+    scale.load_state_dict(block.ls2.state_dict())
+    block.ls2 = scale
+
+
+def _vggt_drop_path(block):
+    block.drop_path1 = reference.DropPath(0.5)
+
+
+@pytest.mark.parametrize("change", [_in_place_layer_scale, _layer_scale_subclass, _vggt_drop_path, _hooked_fc1,
+                                    _tanh_gelu])
+@pytest.mark.parametrize("eager_cls, fast_cls", VGGT_BLOCKS)
+def test_vggt_blocks_call_their_children_when_they_differ(onednn_calls, eager_cls, fast_cls, change):
+    eager, fast = _vggt_pair(eager_cls, fast_cls, 0.01)
+    change(eager), change(fast)
+    x, pos = _vggt_inputs()
+    assert not fast.fusable()
+    with torch.no_grad():
+        out, expected = fast(x.clone(), pos), eager(x.clone(), pos)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert ("gelu", False) not in onednn_calls
+
+
+@pytest.mark.parametrize("eager_cls, fast_cls", VGGT_BLOCKS)
+def test_vggt_blocks_call_a_hooked_qkv(onednn_calls, eager_cls, fast_cls):
+    """The fused forward still calls a qkv projection that is not a plain nn.Linear, so its hook runs."""
+    eager, fast = _vggt_pair(eager_cls, fast_cls, 0.01)
+    for block in (eager, fast):
+        block.attn.qkv.register_forward_hook(lambda module, args, out: out * 0.5)
+    x, pos = _vggt_inputs()
+    with torch.no_grad():
+        out, expected, unhooked = fast(x, pos), eager(x, pos), _vggt_pair(eager_cls, fast_cls, 0.01)[0](x, pos)
+    assert fast.fusable() and ("gelu", False) in onednn_calls
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, unhooked, rtol=1e-3, atol=1e-3)
