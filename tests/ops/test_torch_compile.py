@@ -27,6 +27,7 @@ import fastpatch
 from fastpatch import reference
 from fastpatch.ops.rope_attention_triton import rope_attention_fwd  # noqa: F401  (registers the fastpatch:: ops)
 from fastpatch.ops import patch_embed_triton  # noqa: F401
+from fastpatch.ops import qknorm_rope_attention_triton  # noqa: F401  (every module registering fastpatch:: ops)
 from fastpatch.testing import TOLERANCES, relative_error
 
 from modes import device_for
@@ -192,6 +193,12 @@ def _opcheck_samples(device):
     flags = lambda *values: torch.tensor(values).to(device)  # noqa: E731  (ManyAR portrait flags)
     no_autograd = ("test_schema", "test_faketensor")
     grad = lambda *ts: tuple(t.clone().requires_grad_() for t in ts)  # noqa: E731
+    # qk-norm attention: 2 frames of 1 special token + a 2x3 grid (14 tokens), head dim 32
+    tq, tk, tv = (torch.randn(1, 2, 14, 32).to(device) for _ in range(3))
+    norms = tuple((torch.randn(32) * 0.2 + centre).to(device) for centre in (1.0, 0.0, 1.0, 0.0))
+    grid_pos = torch.tensor([[0, 0]] + [[r + 1, c + 1] for r in range(2) for c in range(3)]).repeat(2, 1)[None]
+    qk_args = (None, [2, 3, 1], 100.0, 1e-5, scale, "float32")
+    qk_out, qk_lse = torch.ops.fastpatch.qknorm_rope_attention_fwd(tq, tk, tv, *norms, *qk_args)
     return {
         "rope_attention_fwd": (grad(q, k, v) + (q_pos, k_pos, 100.0, 1.0, scale), None),
         "rope_attention_fwd_norope": (grad(q, k, v) + (None, None, None, 1.0, scale), None),
@@ -200,11 +207,15 @@ def _opcheck_samples(device):
         "patch_embed_fwd": (grad(img, weight, bias) + (8, flags(True, False)), None),
         "patch_embed_grad_params": ((grad_tokens, img, weight, 8, None), no_autograd),
         "patch_embed_grad_image": ((grad_tokens, img, weight, 8, flags(False, True)), no_autograd),
+        "qknorm_rope_attention_fwd": (grad(tq, tk, tv, *norms) + qk_args, None),
+        "qknorm_rope_attention_bwd": ((torch.randn_like(qk_out), tq, tk, tv, *norms, qk_out, qk_lse,
+                                       grid_pos.to(device), None, 100.0, 1e-5, scale, "float32"), no_autograd),
     }
 
 
 OPCHECK_CASES = ["rope_attention_fwd", "rope_attention_fwd_norope", "rope_attention_bwd", "patch_embed_fwd",
-                 "patch_embed_grad_params", "patch_embed_grad_image"]
+                 "patch_embed_grad_params", "patch_embed_grad_image", "qknorm_rope_attention_fwd",
+                 "qknorm_rope_attention_bwd"]
 
 
 def test_every_fastpatch_custom_op_has_an_opcheck_case():
