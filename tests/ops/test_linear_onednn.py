@@ -170,16 +170,21 @@ def test_fused_blocks_train_like_upstream(onednn_calls):
     refs, patched = _blocks()
     x, y, pos = _inputs(dtype=torch.float64)
     for ref, block in zip(refs, patched):
-        ref, block = ref.double().train(), block.double().train()
-        with fastpatch.use_backend("torch"):  # float64: no Triton kernel
-            out, expected = _run(block, x, y, pos), _run(ref, x, y, pos)
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, list(block.parameters()), grad)
-        want = torch.autograd.grad(expected, list(ref.parameters()), grad)
-        torch.testing.assert_close(out, expected)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w)
+        _assert_trains_like(block, ref, lambda module: _run(module, x, y, pos))
     assert onednn_calls == []
+
+
+def _assert_trains_like(block, ref, call):
+    """``call(block)`` equals ``call(ref)`` in float64 training mode, outputs and parameter gradients."""
+    ref, block = ref.double().train(), block.double().train()
+    with fastpatch.use_backend("torch"):  # float64: no Triton kernel
+        out, expected = call(block), call(ref)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, list(block.parameters()), grad)
+    want = torch.autograd.grad(expected, list(ref.parameters()), grad)
+    torch.testing.assert_close(out, expected)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def _tanh_gelu(block):
@@ -311,16 +316,8 @@ def test_vggt_blocks_fuse_their_gemms(onednn_calls, eager_cls, fast_cls, init_va
 @pytest.mark.parametrize("eager_cls, fast_cls", VGGT_BLOCKS)
 def test_vggt_blocks_train_like_the_eager_ones(onednn_calls, eager_cls, fast_cls):
     eager, fast = _vggt_pair(eager_cls, fast_cls, 0.01)
-    eager, fast = eager.double().train(), fast.double().train()
     x, pos = _vggt_inputs(dtype=torch.float64)
-    with fastpatch.use_backend("torch"):  # float64: no Triton kernel
-        out, expected = fast(x, pos), eager(x, pos)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, list(fast.parameters()), grad)
-    want = torch.autograd.grad(expected, list(eager.parameters()), grad)
-    torch.testing.assert_close(out, expected)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    _assert_trains_like(fast, eager, lambda module: module(x, pos))
     assert onednn_calls == []
 
 
