@@ -38,9 +38,7 @@ from .grid import cdiv
 from .interpreter import INTERPRETED
 from .precision import matmul_dot_precision
 
-__all__ = ["qknorm_rope_attention_forward", "qknorm_rope_attention_backward",
-           "kernel_specializations"]
-
+__all__ = ["qknorm_rope_attention_forward", "qknorm_rope_attention_backward", "kernel_specializations"]
 
 _FREQUENCIES: Dict[Tuple[float, int, torch.device], torch.Tensor] = {}
 _PLACEHOLDERS: Dict[torch.device, torch.Tensor] = {}

@@ -27,6 +27,7 @@ from .qknorm_rope_attention_torch import qknorm_rope_attention_torch
 
 __all__ = ["TokenGrid", "qknorm_rope_attention"]
 
+
 class TokenGrid(NamedTuple):
     """The aggregators' per-frame token layout: ``special`` tokens at (0, 0), then a ``height x width``
     patch grid at ``(r + 1, c + 1)``; ``n = special + height * width`` tokens per frame."""
