@@ -150,14 +150,16 @@ def _peak_memory(side: Side, device: str) -> Optional[int]:
 
 
 def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops: Optional[float], rounds: int,
-            warmup_rounds: int = 1, partners: Optional[Sequence[str]] = None, baseline: str = EAGER) -> None:
+            warmup_rounds: int = 1, partners: Optional[Sequence[str]] = None,
+            baseline: Optional[str] = EAGER) -> None:
     """Benchmark ``sides[provider]`` interleaved with its comparison sides and record the results.
 
     Before each round (warm-up rounds included) ``eager`` and, for providers other than these two,
     ``torch_path`` (when in ``sides``) run once each, timed. ``partners`` replaces that default list
     (any side names: each also gets the ``<partner>_*`` / ``vs_<partner>`` fields below) and
     ``baseline``, one of them, is the side errors are measured against (another than ``eager`` gives
-    ``max_rel_error_vs_<baseline>`` and ``error_baseline``). ``benchmark.extra_info`` gets: the case
+    ``max_rel_error_vs_<baseline>`` and ``error_baseline``; None: the provider computes something else,
+    e.g. a time floor, and records no error). ``benchmark.extra_info`` gets: the case
     fields, ``provider``, ``device``, ``dtype``, ``flops``, ``cpu_threads``, ``peak_memory_bytes``
     (CUDA max_memory_allocated delta of one call; None on CPU), ``max_rel_error_vs_eager`` (every
     output tensor against eager's, :func:`fastpatch.testing.relative_error`), ``ms_per_round`` and,
@@ -190,13 +192,16 @@ def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops:
     rounds_ms = {name: [t * 1e3 for t in samples[-rounds:]] for name, samples in times.items()}
     rounds_ms[provider] = this_ms
     ratios = {name: statistics.median(p / t for p, t in zip(samples, this_ms)) for name, samples in rounds_ms.items()}
-    error = 0.0 if provider == baseline else _max_error(output, eager_output[0])
+    if baseline is None:
+        error = None
+    else:
+        error = 0.0 if provider == baseline else _max_error(output, eager_output[0])
     info = dict(case=case.name, component=case.component, mode=case.mode, size=case.size, batch=case.batch,
                 provider=provider, device=device_name(case.device), dtype=dtype_name(case.dtype), flops=flops,
                 cpu_threads=torch.get_num_threads(), rounds=rounds, peak_memory_bytes=peak_memory,
                 ms_per_round=_rounded(this_ms))
-    info[f"max_rel_error_vs_{baseline}"] = error
-    if baseline != EAGER:
+    info[f"max_rel_error_vs_{baseline or EAGER}"] = error
+    if baseline not in (EAGER, None):
         info["error_baseline"] = baseline
     for name, key in ((EAGER, "eager"), (TORCH_PATH, "torch_path"), *((p, p) for p in partners if p not in BACKENDS)):
         samples = rounds_ms.get(name)
@@ -206,7 +211,8 @@ def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops:
     benchmark.extra_info.update(info)
     this_median = statistics.median(this_ms)
     others = "".join(f"; {name} {statistics.median(rounds_ms[name]):.3f} ms (x{ratios[name]:.2f})" for name in partners)
-    print(f"\n{case.name} [{provider}]: {this_median:.3f} ms{others}; max rel error vs {baseline} {error:.2e}")
+    checked = "no error (not the same function)" if error is None else f"max rel error vs {baseline} {error:.2e}"
+    print(f"\n{case.name} [{provider}]: {this_median:.3f} ms{others}; {checked}")
 
 
 def _rounded(samples: List[float]) -> List[float]:

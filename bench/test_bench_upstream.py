@@ -9,12 +9,18 @@ configuration, under ``torch.inference_mode``; float32 on CPU, bfloat16 autocast
 * ``fastpatch``: a copy of the model sharing every parameter and buffer, after :func:`fastpatch.patch_model`;
 * ``eager_compiled``: ``torch.compile`` of upstream's ``_encode_image`` (upstream's RoPE calls
   ``positions.max().item()``, so dynamo splits the graph there);
-* ``fastpatch_compiled``: ``torch.compile(..., fullgraph=True)`` of the patched ``_encode_image``.
+* ``fastpatch_compiled``: ``torch.compile(..., fullgraph=True)`` of the patched ``_encode_image``;
+* ``matmul_floor``: not the encoder, its time floor: only the encoder's matrix products, at its shapes
+  and with its weights, through the GEMM the patched model runs (:func:`fastpatch.ops.linear_onednn.linear`
+  without post-ops) and torch's SDPA, with no norm, GELU, RoPE, residual or layout pass
+  (:func:`matmul_floor`). Its ``vs_eager`` is the most any implementation built on these GEMM and
+  SDPA kernels can gain over eager in that run; its ``vs_fastpatch`` (< 1) how close the patched
+  model comes to it. It records no error (it computes another function).
 
 Ratios are measured interleaved (:func:`bench.cases.measure`): before each round of a row, its
 partners run once each, timed, and ``vs_<partner>`` is the median of the per-round ratios
 (``fastpatch``: ``eager`` and ``eager_compiled``; ``fastpatch_compiled``: those and ``fastpatch``;
-``eager_compiled``: ``eager``). Each row also records ``max_rel_error_vs_eager``; the ``fastpatch`` row
+``eager_compiled``: ``eager``; ``matmul_floor``: ``eager`` and ``fastpatch``). Each row also records ``max_rel_error_vs_eager``; the ``fastpatch`` row
 adds ``max_rel_error_vs_float64`` for itself and for ``eager`` (a float64 copy of the upstream model
 as the oracle), the ``fastpatch_compiled`` row the graph and graph-break counts of
 ``torch._dynamo.explain`` on the patched encoder (the test fails on any break), every row the CPU
@@ -37,11 +43,13 @@ from typing import Dict, Optional, Tuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastpatch
 
 from . import flops
 from .cases import DEVICE, EAGER, FASTPATCH, Case, Side, make_step, measure
+from fastpatch.ops.linear_onednn import linear
 from fastpatch.testing import relative_error
 
 DUST3R_DIR = os.environ.get("FASTPATCH_DUST3R_DIR", "")
@@ -66,10 +74,10 @@ TOKENS = (HEIGHT // PATCH) * (WIDTH // PATCH)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 CASES = [Case("upstream_encoder", "forward", f"{HEIGHT}x{WIDTH}", batch, DTYPE, DEVICE) for batch in (1, 2)]
 ROUNDS = int(os.environ.get("FASTPATCH_BENCH_ROUNDS", "10" if DEVICE == "cuda" else "5"))
-EAGER_COMPILED, FASTPATCH_COMPILED = "eager_compiled", "fastpatch_compiled"
-PROVIDERS = [EAGER, FASTPATCH, EAGER_COMPILED, FASTPATCH_COMPILED]
+EAGER_COMPILED, FASTPATCH_COMPILED, MATMUL_FLOOR = "eager_compiled", "fastpatch_compiled", "matmul_floor"
+PROVIDERS = [EAGER, FASTPATCH, EAGER_COMPILED, FASTPATCH_COMPILED, MATMUL_FLOOR]
 PARTNERS = {EAGER: [], FASTPATCH: [EAGER, EAGER_COMPILED], EAGER_COMPILED: [EAGER],
-            FASTPATCH_COMPILED: [EAGER, EAGER_COMPILED, FASTPATCH]}
+            FASTPATCH_COMPILED: [EAGER, EAGER_COMPILED, FASTPATCH], MATMUL_FLOOR: [EAGER, FASTPATCH]}
 # DUSt3R_ViTLarge_BaseDecoder_512_dpt's encoder (the decoder and head are built but not run; a linear head
 # needs no extra packages)
 CONFIG = dict(output_mode="pts3d", head_type="linear", img_size=(512, 512), patch_embed_cls="PatchEmbedDust3R",
@@ -129,6 +137,34 @@ def compiled() -> Dict[str, object]:
             FASTPATCH_COMPILED: torch.compile(patched._encode_image, fullgraph=True)}
 
 
+def matmul_floor(model: torch.nn.Module):
+    """``floor(img, true_shape) -> (tokens, None)``: the matrix products of ``model._encode_image`` alone.
+
+    The patch-embedding convolution ``(B, 3, H, W) -> (B, N, C)``, then for every encoder block, with
+    its weights: the qkv linear ``(B, N, C) -> (B, N, 3C)``, SDPA over its heads on strided views of it
+    ``(B, h, N, C/h)``, the proj linear, fc1 ``(B, N, C) -> (B, N, 4C)`` and fc2 on fc1's output. Every
+    block reads the patch tokens (chained without norms the activations would drift, and denormals
+    would slow the GEMMs down); nothing else runs. Returns the last fc2 output.
+    """
+    blocks = list(model.enc_blocks)
+    conv = model.patch_embed.proj
+
+    def floor(img, true_shape):
+        x = conv(img).flatten(2).transpose(1, 2).contiguous()
+        batch, tokens, dim = x.shape
+        out = None
+        for block in blocks:
+            attn, mlp = block.attn, block.mlp
+            heads = attn.num_heads
+            qkv = linear(x, attn.qkv.weight, attn.qkv.bias).view(batch, tokens, 3, heads, dim // heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            mixed = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+            linear(mixed.transpose(1, 2).reshape(batch, tokens, dim), attn.proj.weight, attn.proj.bias)
+            out = linear(linear(x, mlp.fc1.weight, mlp.fc1.bias), mlp.fc2.weight, mlp.fc2.bias)
+        return out, None
+    return floor
+
+
 def _encoder_output(call):
     @functools.wraps(call)
     def tokens(img, true_shape):
@@ -138,7 +174,8 @@ def _encoder_output(call):
 
 def build_sides(case: Case) -> Dict[str, Side]:
     upstream, patched = models()
-    calls = {EAGER: upstream._encode_image, FASTPATCH: patched._encode_image, **compiled()}
+    calls = {EAGER: upstream._encode_image, FASTPATCH: patched._encode_image, **compiled(),
+             MATMUL_FLOOR: matmul_floor(upstream)}
     autocast = None if case.dtype == torch.float32 else case.dtype
     return {name: Side(make_step(_encoder_output(call), inputs(case.batch), case.mode, case.device, autocast=autocast))
             for name, call in calls.items()}
@@ -185,7 +222,7 @@ def test_bench_upstream(benchmark, case, provider):
     extra = dict(cpu_description()) if DEVICE == "cpu" else {}
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     measure(benchmark, case, provider, sides, flops.encoder(case.batch, TOKENS), rounds=ROUNDS, warmup_rounds=1,
-            partners=PARTNERS[provider])
+            partners=PARTNERS[provider], baseline=None if provider == MATMUL_FLOOR else EAGER)
     if load_before is not None:  # the 1-minute load average: other processes on a shared machine
         extra["load_average_1min"] = [load_before, os.getloadavg()[0]]
     # After the timed rounds: the float64 oracle copies the whole model (~4.6 GB) and dynamo compiles,
