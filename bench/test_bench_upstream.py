@@ -14,8 +14,8 @@ configuration, under ``torch.inference_mode``; float32 on CPU, bfloat16 autocast
   and with its weights, through the GEMM the patched model runs (:func:`fastpatch.ops.linear_onednn.linear`
   without post-ops) and torch's SDPA, with no norm, GELU, RoPE, residual or layout pass
   (:func:`matmul_floor`). Its ``vs_eager`` is the most any implementation built on these GEMM and
-  SDPA kernels can gain over eager in that run; its ``vs_fastpatch`` (< 1) how close the patched
-  model comes to it. It records no error (it computes another function).
+  SDPA kernels can gain over eager in that run; its ``vs_fastpatch`` (patched time / floor time,
+  >= 1) how far the patched model is from it. It records no error (it computes another function).
 
 Ratios are measured interleaved (:func:`bench.cases.measure`): before each round of a row, its
 partners run once each, timed, and ``vs_<partner>`` is the median of the per-round ratios
