@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU validation on a machine with torch + triton preinstalled and no network (fits in
 # 10 minutes on an H100): install fastpatch in place, run the test suite with compiled kernels on
-# CUDA, run the full benchmarks and the report, all into bench/results/<UTC date>-<gpu>/:
+# CUDA, run the full benchmarks (VGGT's bf16 rows at 32 and 100 frames included) and the report, all
+# into bench/results/<UTC date>-<gpu>/:
 #   tests.xml + tests.log (junit + pytest log), results-*.json, bench-*.log, report.md,
 #   plot.png (when matplotlib is present), env.txt (nvidia-smi, versions, commit, date, step times).
 # Every step has a time budget (`timeout`; 570 s in all); a step cut short keeps what it finished.
@@ -34,8 +35,9 @@ FASTPATCH_TEST_COMPILED=1 timeout -s INT -k 15 270 python -m pytest tests -q -p 
 echo "tests: $((SECONDS - start)) s (exit $status); $(tail -1 "$out/tests.log")"
 
 start=$SECONDS
-FASTPATCH_BENCH_FULL=1 BENCH_TIMEOUT_ATTENTION="${BENCH_TIMEOUT_ATTENTION:-130}" \
-    BENCH_TIMEOUT_PATCH_EMBED="${BENCH_TIMEOUT_PATCH_EMBED:-25}" BENCH_TIMEOUT_MODEL="${BENCH_TIMEOUT_MODEL:-100}" \
+FASTPATCH_BENCH_FULL=1 BENCH_FILES="attention patch_embed model vggt" \
+    BENCH_TIMEOUT_ATTENTION="${BENCH_TIMEOUT_ATTENTION:-110}" BENCH_TIMEOUT_PATCH_EMBED="${BENCH_TIMEOUT_PATCH_EMBED:-25}" \
+    BENCH_TIMEOUT_MODEL="${BENCH_TIMEOUT_MODEL:-80}" BENCH_TIMEOUT_VGGT="${BENCH_TIMEOUT_VGGT:-40}" \
     bash bench/run.sh "$out" || status=$?
 echo "benchmarks + report: $((SECONDS - start)) s (exit $status); results in $out"
 exit "$status"

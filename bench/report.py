@@ -35,7 +35,7 @@ PEAK_TFLOPS = [
     ("A100", {"bfloat16": 312.0, "float16": 312.0, "tfloat32": 156.0, "float32": 19.5}),
 ]
 PROVIDER_ORDER = ["eager", "eager_compiled", "torch_path", "upstream_loop", "fastpatch", "fastpatch_cuda_graphs",
-                  "fastpatch_compiled_graphs", "triton_in_loop", "triton_pre_rotated", "matmul_floor"]
+                  "fastpatch_compiled_graphs", "triton_in_loop", "triton_pre_rotated", "matmul_floor", "sdpa_floor"]
 
 
 def peak_tflops(device: str, dtype: str) -> Optional[float]:
