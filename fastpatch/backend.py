@@ -60,6 +60,8 @@ __all__ = [
     "reset_backend_override",
     "select_backend",
     "common_device",
+    "BackendScope",
+    "pins_in_force",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -301,3 +303,57 @@ def select_backend(*tensors: Optional[torch.Tensor]) -> str:
         RuntimeError: ``triton`` was forced for a device no Triton backend runs on, or without triton.
     """
     return decide(None, *tensors).backend
+
+
+class BackendScope:
+    """Forward pre/post hooks that run a module's forward under ``use_backend(backend)``.
+
+    A per-thread stack of override tokens makes nested and re-entrant calls safe; the post hook is
+    registered with ``always_call=True`` so an exception in forward still restores the choice (and
+    does nothing when an earlier pre hook raised before ``enter`` ran). Only a plain
+    ``threading.local`` read and list mutation: ``torch.compile`` traces both hooks without graph breaks.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.local = threading.local()
+
+    def _tokens(self) -> List[int]:
+        tokens = getattr(self.local, "tokens", None)
+        if tokens is None:
+            tokens = self.local.tokens = []
+        return tokens
+
+    def enter(self, module, args) -> None:
+        self._tokens().append(set_backend_override(self.backend))
+
+    def exit(self, module, args, output) -> None:
+        tokens = self._tokens()
+        if tokens:
+            reset_backend_override(tokens.pop())
+
+    def __getstate__(self) -> dict:
+        return {"backend": self.backend}  # the per-thread tokens are transient (and threading.local does not pickle)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["backend"])
+
+
+def pins_in_force(module) -> bool:
+    """Whether ``module``'s hooks are at most :class:`BackendScope` pins of the backend already forced in
+    this thread (:func:`requested_backend`): a parent that reads the module's parameters instead of
+    calling it (a fused block) then computes exactly what calling it would. False for any other hook,
+    for a pin of another backend, and when the requested backend cannot be read."""
+    if module._backward_hooks or module._backward_pre_hooks or module._forward_pre_hooks_with_kwargs:
+        return False
+    hooks = (*module._forward_pre_hooks.values(), *module._forward_hooks.values())
+    if not hooks:
+        return True
+    scopes = {getattr(hook, "__self__", None) for hook in hooks}
+    if not all(isinstance(scope, BackendScope) for scope in scopes):
+        return False
+    try:
+        requested = requested_backend()
+    except ValueError:
+        return False
+    return all(scope.backend == requested for scope in scopes)

@@ -216,6 +216,7 @@ class VGGTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=ffn_bias, drop=drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.sample_drop_ratio = drop_path  # VGGT's / π3's name for the block's drop-path rate
 
     def _attention(self, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
         return self.attn(x, pos=pos)

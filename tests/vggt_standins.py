@@ -84,23 +84,90 @@ class FlashAttentionRope(Attention):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
 
+class DinoMlp(nn.Module):
+    """DINOv2's layout: fc1, act, fc2 and one dropout, used after act and after fc2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
 class Block(nn.Module):
-    """VGGT's (and its DINOv2's): forward(x, pos=None)."""
+    """VGGT's (and its DINOv2's): forward(x, pos=None); a drop-path rate ``sample_drop_ratio`` that only
+    matters in training (stochastic depth there, as DINOv2's blocks)."""
 
     attn_class = Attention
 
-    def __init__(self, dim, num_heads, qk_norm=False, rope=None, init_values=0.01, eps=1e-5):
+    def __init__(self, dim, num_heads, qk_norm=False, rope=None, init_values=0.01, eps=1e-5, mlp_class=Mlp):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = self.attn_class(dim, num_heads, qk_norm=qk_norm, rope=rope)
         self.ls1, self.drop_path1 = LayerScale(dim, init_values), nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = mlp_class(dim, 4 * dim)
         self.ls2, self.drop_path2 = LayerScale(dim, init_values), nn.Identity()
+        self.sample_drop_ratio = 0.0
 
     def forward(self, x, pos=None):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos=pos)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.training and self.sample_drop_ratio > 0.0:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), pos=pos)))
+            return x + self.drop_path1(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class MemEffAttention(Attention):
+    """DINOv2's encoder attention as VGGT carries it: forward(x, attn_bias=None, pos=None), no RoPE."""
+
+    def forward(self, x, attn_bias=None, pos=None):
+        return super().forward(x)
+
+
+class NestedTensorBlock(Block):
+    """DINOv2's encoder block as VGGT carries it: forward(x_or_x_list)."""
+
+    attn_class = MemEffAttention
+
+    def forward(self, x_or_x_list):
+        return super().forward(x_or_x_list)
+
+
+class PlainAttention(nn.Module):
+    """π3's DINOv2 encoder attention: qkv and proj, no qk-norm, no rope attribute; forward(x, attn_bias=None)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv, self.attn_drop = nn.Linear(dim, 3 * dim), nn.Dropout(0.0)
+        self.proj, self.proj_drop = nn.Linear(dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x, attn_bias=None):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = self.attn_drop((q * self.scale @ k.transpose(-2, -1)).softmax(-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+PlainAttention.__name__ = PlainAttention.__qualname__ = "Attention"
+
+
+class PlainBlock(nn.Module):
+    """π3's DINOv2 encoder block: forward(x), pre-norm, plain ViT."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), PlainAttention(dim, num_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+PlainBlock.__name__ = PlainBlock.__qualname__ = "Block"
 
 
 class BlockRope(Block):
@@ -112,8 +179,11 @@ class BlockRope(Block):
         super().__init__(dim, num_heads, qk_norm, rope, init_values, eps=1e-6)
 
     def forward(self, x, xpos=None):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), xpos=xpos)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.training and self.sample_drop_ratio > 0.0:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), xpos=xpos)))
+            return x + self.drop_path1(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.ls1(self.attn(self.norm1(x), xpos=xpos))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class RopeBeforeNormAttention(Attention):
@@ -131,12 +201,14 @@ RopeBeforeNormAttention.__name__ = RopeBeforeNormAttention.__qualname__ = "Atten
 
 
 class TinyAggregator(nn.Module):
-    """A DINOv2-style block (no qk-norm, no RoPE), then alternating frame / global qk-norm RoPE blocks, and a
-    camera-head block (no RoPE): VGGT's layout at toy width. forward(tokens (S, n, C), pos (S, n, 2))."""
+    """DINOv2-style blocks (no qk-norm, no RoPE: VGGT's ``Block`` and ``NestedTensorBlock``, π3's plain ViT
+    block), then alternating frame / global qk-norm RoPE blocks, and a camera-head block (no RoPE):
+    VGGT's layout at toy width. forward(tokens (S, n, C), pos (S, n, 2))."""
 
     def __init__(self, dim=128, heads=2, depth=1, block=Block, rope=None):
         super().__init__()
-        self.patch_blocks = nn.ModuleList([Block(dim, heads, eps=1e-6)])
+        self.patch_blocks = nn.ModuleList([Block(dim, heads, eps=1e-6), NestedTensorBlock(dim, heads, eps=1e-6),
+                                           PlainBlock(dim, heads)])
         rope = rope or RotaryPositionEmbedding2D(100.0)
         self.frame_blocks = nn.ModuleList([block(dim, heads, qk_norm=True, rope=rope) for _ in range(depth)])
         self.global_blocks = nn.ModuleList([block(dim, heads, qk_norm=True, rope=rope) for _ in range(depth)])

@@ -23,7 +23,8 @@ from .. import reference_vggt
 from ..ops.linear_onednn import linear
 from ..ops.qknorm_rope_attention import qknorm_rope_attention
 from .attention import project
-from .plain_children import inactive_dropout, is_plain, plain_identity, plain_linear, plain_mlp
+from .plain_children import (inactive_dropout, is_plain, known_layer_scale_class, plain_identity, plain_linear,
+                             plain_mlp)
 
 __all__ = ["VGGTAttention", "FlashAttentionRope", "VGGTBlock", "BlockRope", "rope_base_of", "fusable"]
 
@@ -103,8 +104,16 @@ class FlashAttentionRope(reference_vggt.Pi3Attention):
 
 
 def _plain_layer_scale(module: nn.Module) -> bool:
-    """A plain ``nn.Identity``, or exactly :class:`fastpatch.reference_vggt.LayerScale` (not in place)."""
-    return plain_identity(module) or (is_plain(module, reference_vggt.LayerScale) and not module.inplace)
+    """A plain ``nn.Identity``, or a plain :class:`fastpatch.reference_vggt.LayerScale` or known upstream
+    LayerScale (VGGT's, π3's) that is not in place, holding only a ``(dim,)`` ``gamma``."""
+    if plain_identity(module):
+        return True
+    cls = type(module)
+    if not (cls is reference_vggt.LayerScale or known_layer_scale_class(cls)) or not is_plain(module, cls):
+        return False
+    gamma = module._parameters.get("gamma")
+    return (getattr(module, "inplace", False) is False and gamma is not None and gamma.dim() == 1 and not module._modules
+            and tuple(module._parameters) == ("gamma",) and not module._buffers)
 
 
 def _scaled_residual(layer: nn.Module, x: torch.Tensor, layer_scale: nn.Module, residual: torch.Tensor) -> torch.Tensor:
@@ -119,6 +128,8 @@ class VGGTBlock(reference_vggt.VGGTBlock):
     """VGGT's block with fused attention: ``forward(x (B, N, C), pos (B, N, 2) or None) -> (B, N, C)``.
 
     Keys: ``norm1``, ``attn.{qkv,q_norm,k_norm,proj}``, ``ls1.gamma``, ``norm2``, ``mlp.{fc1,fc2}``, ``ls2.gamma``.
+    ``sample_drop_ratio`` (the ``drop_path`` rate, VGGT's attribute) must be 0 in training: stochastic
+    depth raises ``NotImplementedError``.
 
     When every child is exactly what the block's forward assumes (:meth:`fusable`), the forward reads
     their parameters: the qkv projection and the MLP through :func:`fastpatch.ops.linear_onednn.linear`
@@ -138,6 +149,12 @@ class VGGTBlock(reference_vggt.VGGTBlock):
                 and _plain_layer_scale(self.ls2) and plain_mlp(self.mlp))
 
     def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        drop_ratio = getattr(self, "sample_drop_ratio", 0.0)  # absent in a block that has no stochastic depth
+        if self.training and drop_ratio > 0.0:
+            # VGGT's and π3's blocks run stochastic depth of their own kind there (per-batch subsets above
+            # 0.1): another function, so it is refused rather than computed differently.
+            raise NotImplementedError(f"{type(self).__name__}: stochastic depth in training (sample_drop_ratio="
+                                      f"{drop_ratio}) is not supported; set it to 0 or call eval()")
         if torch.compiler.is_compiling() or pos is None or not self.fusable():
             return super().forward(x, pos)
         x = _scaled_residual(self.attn.proj, self.attn.heads(self.norm1(x), pos), self.ls1, x)

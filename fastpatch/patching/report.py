@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 
 __all__ = ["PatchReport", "PatchRefusedError"]
 
-_ATTENTION_ROLES = ("Attention", "CrossAttention")
+_ATTENTION_ROLES = ("Attention", "CrossAttention", "VGGTAttention", "FlashAttentionRope")
 
 
 class PatchRefusedError(RuntimeError):

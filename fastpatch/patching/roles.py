@@ -90,6 +90,9 @@ _QKNORM_ATTENTION_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "p
 _QKNORM_ATTENTION_READS = frozenset(_QKNORM_ATTENTION_CHILDREN) | {"num_heads", "head_dim", "scale", "fused_attn",
                                                                    "training"}
 _LAYERSCALE_BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+#: DINOv2-style blocks (VGGT's and π3's) also read ``sample_drop_ratio`` and ``training`` (stochastic depth
+#: in training); fastpatch's blocks read both and refuse stochastic depth in training.
+_LAYERSCALE_BLOCK_READS = frozenset(_LAYERSCALE_BLOCK_CHILDREN) | {"sample_drop_ratio", "training"}
 
 #: VGGT's ``Attention`` / ``Block`` (named like croco's: :func:`refine_role` tells them apart) and π3's
 #: ``FlashAttentionRope`` / ``BlockRope``.
@@ -99,9 +102,9 @@ QKNORM_ROLES: Dict[str, Role] = {role.name: role for role in (
     Role("FlashAttentionRope", "forward", ("x", "attn_bias", "xpos"), children=_QKNORM_ATTENTION_CHILDREN,
          reads=_QKNORM_ATTENTION_READS, optional_arguments=("attn_bias", "xpos")),
     Role("VGGTBlock", "forward", ("x", "pos"), children=_LAYERSCALE_BLOCK_CHILDREN,
-         reads=frozenset(_LAYERSCALE_BLOCK_CHILDREN), optional_arguments=("pos",)),
+         reads=_LAYERSCALE_BLOCK_READS, optional_arguments=("pos",)),
     Role("BlockRope", "forward", ("x", "xpos"), children=_LAYERSCALE_BLOCK_CHILDREN,
-         reads=frozenset(_LAYERSCALE_BLOCK_CHILDREN), optional_arguments=("xpos",)),
+         reads=_LAYERSCALE_BLOCK_READS, optional_arguments=("xpos",)),
 )}
 ROLES.update(QKNORM_ROLES)
 MODULE_ROLES = MODULE_ROLES + tuple(QKNORM_ROLES)
@@ -113,6 +116,32 @@ def _fusable_attention(module: object) -> bool:
     children = getattr(module, "_modules", {})
     return (isinstance(children.get("q_norm"), nn.LayerNorm) and isinstance(children.get("k_norm"), nn.LayerNorm)
             and children.get("rope") is not None)
+
+
+def _qknorm_family(module: object) -> bool:
+    """``q_norm`` and ``k_norm`` children (LayerNorm or Identity): the attention of VGGT, π3 and the DINOv2
+    encoder they carry; croco's attention has neither."""
+    children = getattr(module, "_modules", {})
+    return "q_norm" in children and "k_norm" in children
+
+
+_POSITION_ARGUMENTS = frozenset({"xpos", "pos", "qpos", "kpos", "positions"})
+
+
+def _plain_vit(module: object, attention: object) -> bool:
+    """A plain ViT module that only shares croco's class name: ``attention`` has ``qkv`` and ``proj``
+    Linear children and no ``rope`` attribute, and ``module``'s forward takes no positions (DINOv2's
+    ``Attention(x, attn_bias=None)`` and ``NestedTensorBlock(x_or_x_list)`` in π3's encoder)."""
+    children = getattr(attention, "_modules", {})
+    if not (isinstance(children.get("qkv"), nn.Linear) and isinstance(children.get("proj"), nn.Linear)):
+        return False
+    if hasattr(attention, "rope"):
+        return False
+    try:
+        names = set(inspect.signature(type(module).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return not names & _POSITION_ARGUMENTS
 
 
 def _positions_default_to_none(module: object) -> bool:
@@ -129,21 +158,27 @@ def refine_role(role_name: str, module: object) -> Optional[str]:
 
     An ``Attention`` with ``q_norm`` / ``k_norm`` children and VGGT's ``forward(x, pos=None)`` is VGGT's;
     a ``Block`` with that signature and ``ls1`` or a qk-norm attention is VGGT's block (a croco-named
-    class with ``forward(x, xpos)`` keeps croco's role, and its extra children get it left alone). VGGT / π3 modules with nothing to fuse (no LayerNorm qk-norm or no
-    RoPE: the DINOv2 encoder, the camera head, π3's head blocks) get no role (None): patch_model leaves
-    them as they are, without a warning. Any other module keeps ``role_name``.
+    class with ``forward(x, xpos)`` keeps croco's role, and its extra children get it left alone).
+    Modules of that family with nothing to fuse (no LayerNorm qk-norm or no RoPE: the DINOv2 encoder's
+    ``MemEffAttention`` / ``NestedTensorBlock``, the camera head, π3's head blocks), whatever their
+    forward's signature, and plain ViT modules (:func:`_plain_vit`: π3's DINOv2 ``Attention``) get no
+    role (None): patch_model leaves them as they are, without a warning.
+    Any other module keeps ``role_name``.
     """
     children = getattr(module, "_modules", {})
     if role_name in ("Attention", "VGGTAttention", "FlashAttentionRope"):
-        if role_name == "Attention" and not ("q_norm" in children and "k_norm" in children
-                                             and _positions_default_to_none(module)):
+        if (_qknorm_family(module) and not _fusable_attention(module)) or _plain_vit(module, module):
+            return None
+        if role_name == "Attention" and not (_qknorm_family(module) and _positions_default_to_none(module)):
             return role_name
         if not _fusable_attention(module):
             return None
         return "FlashAttentionRope" if role_name == "FlashAttentionRope" else "VGGTAttention"
     if role_name in ("Block", "VGGTBlock", "BlockRope"):
         attention = children.get("attn")
-        qknorm_attention = "q_norm" in getattr(attention, "_modules", {})
+        qknorm_attention = _qknorm_family(attention)
+        if (qknorm_attention and not _fusable_attention(attention)) or _plain_vit(module, attention):
+            return None
         if role_name == "Block" and (("ls1" not in children and not qknorm_attention)
                                      or not _positions_default_to_none(module)):
             return role_name
