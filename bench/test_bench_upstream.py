@@ -20,11 +20,12 @@ configuration, under ``torch.inference_mode``; float32 on CPU, bfloat16 autocast
 Ratios are measured interleaved (:func:`bench.cases.measure`): before each round of a row, its
 partners run once each, timed, and ``vs_<partner>`` is the median of the per-round ratios
 (``fastpatch``: ``eager`` and ``eager_compiled``; ``fastpatch_compiled``: those and ``fastpatch``;
-``eager_compiled``: ``eager``; ``matmul_floor``: ``eager`` and ``fastpatch``). Each row also records ``max_rel_error_vs_eager``; the ``fastpatch`` row
-adds ``max_rel_error_vs_float64`` for itself and for ``eager`` (a float64 copy of the upstream model
-as the oracle), the ``fastpatch_compiled`` row the graph and graph-break counts of
-``torch._dynamo.explain`` on the patched encoder (the test fails on any break), every row the CPU
-model and its feature flags (``lscpu``) and the 1-minute load average before and after it.
+``eager_compiled``: ``eager``; ``matmul_floor``: ``eager`` and ``fastpatch``). Each row also records
+``max_rel_error_vs_eager`` (``matmul_floor``: None); the ``fastpatch`` row adds
+``max_rel_error_vs_float64`` for itself and for ``eager`` (a float64 copy of the upstream model as the
+oracle), the ``fastpatch_compiled`` row the graph and graph-break counts of ``torch._dynamo.explain`` on
+the patched encoder (the test fails on any break), every row the CPU model and its feature flags
+(``lscpu``) and the 1-minute load average before and after it.
 
 Runs only when ``FASTPATCH_DUST3R_DIR`` points at a naver/dust3r checkout with its croco submodule
 (upstream code is never vendored here); otherwise the whole file is skipped with that reason.

@@ -89,7 +89,8 @@ class DinoMlp(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+        self.fc1, self.act = nn.Linear(dim, hidden), nn.GELU()
+        self.fc2, self.drop = nn.Linear(hidden, dim), nn.Dropout(0.0)
 
     def forward(self, x):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

@@ -77,6 +77,7 @@ def plain_gelu(module: object) -> bool:
 
 
 def _forward_fingerprint(cls: type) -> Optional[str]:
+    """The fingerprint of ``cls.forward`` (None without the patching package)."""
     from .. import patching  # imported here: patching imports the modules, not the other way
 
     fingerprint = getattr(patching, "fingerprint", None)
@@ -87,8 +88,11 @@ def _known_mlp_children(cls: type) -> Optional[Tuple[str, ...]]:
     """The children layout of ``cls`` when it is :class:`fastpatch.reference.Mlp` or its ``forward`` is a
     known upstream one (:data:`KNOWN_MLP_FORWARDS`), else None (cached per class)."""
     if cls not in _MLP_CHILDREN:
-        known = KNOWN_MLP_FORWARDS.get(_forward_fingerprint(cls)) if cls is not reference.Mlp else None
-        _MLP_CHILDREN[cls] = _CROCO_MLP_CHILDREN if cls is reference.Mlp else known and known[1]
+        if cls is reference.Mlp:
+            _MLP_CHILDREN[cls] = _CROCO_MLP_CHILDREN
+        else:
+            known = KNOWN_MLP_FORWARDS.get(_forward_fingerprint(cls))
+            _MLP_CHILDREN[cls] = known[1] if known else None
     return _MLP_CHILDREN[cls]
 
 

@@ -112,8 +112,8 @@ def _plain_layer_scale(module: nn.Module) -> bool:
     if not (cls is reference_vggt.LayerScale or known_layer_scale_class(cls)) or not is_plain(module, cls):
         return False
     gamma = module._parameters.get("gamma")
-    return (getattr(module, "inplace", False) is False and gamma is not None and gamma.dim() == 1 and not module._modules
-            and tuple(module._parameters) == ("gamma",) and not module._buffers)
+    return (getattr(module, "inplace", False) is False and gamma is not None and gamma.dim() == 1
+            and tuple(module._parameters) == ("gamma",) and not module._modules and not module._buffers)
 
 
 def _scaled_residual(layer: nn.Module, x: torch.Tensor, layer_scale: nn.Module, residual: torch.Tensor) -> torch.Tensor:
