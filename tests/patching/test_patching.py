@@ -25,6 +25,17 @@ def test_backend_argument_pins_the_backend_inside_replaced_modules():
     assert backend.requested_backend() == "auto"
 
 
+def test_backend_pin_keeps_the_fused_block_forward():
+    """Each replaced module carries the pin's hooks; a block's fused forward bypasses its children's pins
+    only when they pin the backend in force (the block's own pin): then bypassing them changes nothing."""
+    model = fastpatch.patch_model(_backbone(), backend="torch")
+    block = model.enc_blocks[0]
+    with fastpatch.use_backend("torch"):
+        assert block.fusable()
+    with fastpatch.use_backend("triton"):
+        assert not block.fusable()
+
+
 def test_backend_scope_is_restored_when_forward_raises():
     block = fastpatch.patch_model(reference.Block(64, 2, rope=reference.RoPE2D()), backend="torch")
     with pytest.raises(ValueError):
