@@ -203,7 +203,8 @@ def measure(benchmark, case: Case, provider: str, sides: Dict[str, Side], flops:
     info[f"max_rel_error_vs_{baseline or EAGER}"] = error
     if baseline not in (EAGER, None):
         info["error_baseline"] = baseline
-    for name, key in ((EAGER, "eager"), (TORCH_PATH, "torch_path"), *((p, p) for p in partners if p not in (EAGER, TORCH_PATH))):
+    named_partners = [(p, p) for p in partners if p not in (EAGER, TORCH_PATH)]
+    for name, key in ((EAGER, "eager"), (TORCH_PATH, "torch_path"), *named_partners):
         samples = rounds_ms.get(name)
         info.update({f"{key}_ms_per_round": None if samples is None else _rounded(samples),
                      f"{key}_median_ms": None if samples is None else round(statistics.median(samples), 4),

@@ -39,7 +39,8 @@ HEIGHT, WIDTH, SPECIAL = 28, 37, 5  # 518x392
 PER_FRAME = SPECIAL + HEIGHT * WIDTH  # 1041
 DIM, HEADS = 1024, 16
 ROUNDS = 10 if DEVICE == "cuda" else 7  # CPU: one round of a row is 0.3-1.2 s; 3 rounds moved a ratio by 0.1
-OP_ROUNDS = 10 if DEVICE == "cuda" else 31  # CPU: an op round is 0.15-0.4 s; at 15 rounds the global ratio spanned 0.98-1.13
+# CPU: an op round is 0.15-0.4 s; at 15 rounds the global op's ratio spanned 0.98-1.13 over runs
+OP_ROUNDS = 10 if DEVICE == "cuda" else 31
 GPU_DTYPE = torch.bfloat16
 SDPA_FLOOR = "sdpa_floor"
 
@@ -131,12 +132,8 @@ def build_sides(case: Case) -> Dict[str, Side]:
             SDPA_FLOOR: Side(make_step(_sdpa_floor(attn, inputs), (), "forward", case.device, None))}
 
 
-def _case_id(case: Case) -> str:
-    return case.name
-
-
-CASE_PROVIDERS = [(case, provider) for case in CASES
-                  for provider in (EAGER, FASTPATCH, SDPA_FLOOR) if provider != SDPA_FLOOR or case.component.endswith("_op")]
+CASE_PROVIDERS = [(case, provider) for case in CASES for provider in (EAGER, FASTPATCH, SDPA_FLOOR)
+                  if provider != SDPA_FLOOR or case.component.endswith("_op")]
 
 
 @pytest.mark.parametrize("case,provider", CASE_PROVIDERS, ids=[f"{c.name}-{p}" for c, p in CASE_PROVIDERS])
