@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -121,3 +123,12 @@ def perturb_(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
             p.add_(noise * scale)
     return module
+
+
+def run_checkout_script(script: str, checkout: str, timeout: float = 600) -> dict:
+    """Run ``script`` (Python source) in a fresh interpreter with ``checkout`` as its ``sys.argv[1]``, so
+    a public checkout's packages and import-time settings stay out of the test session; returns the
+    JSON object its last stdout line prints. Fails the test, with the stderr tail, if the script fails."""
+    done = subprocess.run([sys.executable, "-c", script, checkout], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -6,10 +6,7 @@ The code is not in this repository (CC BY-NC-SA) and not on PyPI: these tests ru
 subprocess, so croco's top-level ``models`` package and its global TF32 switch stay out of the
 test session.
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import pytest
 
 from fastpatch.patching import source_fingerprints
 from fastpatch.patching.known_code import KNOWN_METHODS
+from upstream import run_checkout_script
 
 DUST3R_DIR = os.environ.get("FASTPATCH_DUST3R_DIR", "")
 pytestmark = pytest.mark.skipif(not (DUST3R_DIR and Path(DUST3R_DIR, "croco", "models", "blocks.py").exists()),
@@ -86,9 +84,7 @@ def test_every_method_patch_model_reads_is_a_known_version():
 
 
 def test_today_upstream_model_is_fully_replaced_and_unchanged():
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, DUST3R_DIR], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_checkout_script(_SCRIPT, DUST3R_DIR)
     for cls_name, row in result.items():
         assert row["left_alone"] == [], row
         assert row["hows"] == ["known code"], row

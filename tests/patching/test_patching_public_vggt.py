@@ -10,10 +10,7 @@ session), builds small models from the upstream classes with random weights, and
 * the DINOv2 encoder (and π3's RoPE-only heads) stay the same objects, with no warning;
 * the patched outputs match the unpatched ones within the float32 tolerance, on the torch backend.
 """
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 import torch
 
 from fastpatch.testing import TOLERANCES
+from upstream import run_checkout_script
 
 VGGT_DIR = os.environ.get("FASTPATCH_VGGT_DIR", "")
 PI3_DIR = os.environ.get("FASTPATCH_PI3_DIR", "")
@@ -131,16 +129,10 @@ _PI3 = _COMMON + textwrap.dedent("""
 """)
 
 
-def _run(script: str, checkout: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", script, checkout], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.skipif(not (VGGT_DIR and Path(VGGT_DIR, "vggt", "models", "aggregator.py").exists()),
                     reason="FASTPATCH_VGGT_DIR (a checkout holding facebookresearch/vggt's vggt/ package) not set")
 def test_vggt_aggregator_blocks_replaced_and_fused():
-    result = _run(_VGGT, VGGT_DIR)
+    result = run_checkout_script(_VGGT, VGGT_DIR)
     assert result["replaced"] == {"VGGTAttention": 4, "VGGTBlock": 4}
     assert result["left_alone"] == [] and result["untouched"]  # the DINOv2 encoder
     assert result["fusable"] == [True] * 4
@@ -150,7 +142,7 @@ def test_vggt_aggregator_blocks_replaced_and_fused():
 @pytest.mark.skipif(not (PI3_DIR and Path(PI3_DIR, "pi3", "models", "layers", "block.py").exists()),
                     reason="FASTPATCH_PI3_DIR (a yyfz/Pi3 checkout) not set")
 def test_pi3_decoder_blocks_replaced_and_fused():
-    result = _run(_PI3, PI3_DIR)
+    result = run_checkout_script(_PI3, PI3_DIR)
     assert result["replaced"] == {"FlashAttentionRope": 2, "BlockRope": 2, "RoPE2D": 1}
     assert result["left_alone"] == [] and result["untouched"] and result["head_untouched"]
     assert result["fusable"] == [True] * 2
